@@ -1,0 +1,476 @@
+"""The large speech-text model (LSM) of AI-STA: SALMONN's architecture around a Vicuna or Qwen2 LLM.
+
+    mel (B,80,3000) --Whisper encoder (frozen)--> (B,1500,Dw) --LayerNorm--+
+    wav (B,T)       --BEATs (frozen)-----------> (B,~1496,Db) --LayerNorm--+--zero-pad, concat--> R (B,1500,Dw+Db)
+    R --windows of L=17 frames (stride 17, last 4 frames dropped)--> (B*88, 17, Dw+Db)
+      --Q-Former (1 learned query per window, cross-attention to the window)--> (B, 88, 768)
+      --Linear(768, d_llm)--> speech tokens E^S (B, 88, d_llm)
+    LLM input, per sample (left to right, then right padding; left padding for generation):
+      Vicuna:  BOS "USER: <Speech>" E^S "</Speech> {instruction}\\nASSISTANT:" target EOS
+      Qwen2:       "<|audio_bos|>"  E^S "<|audio_eos|>{instruction}"              target EOS
+    labels are -100 everywhere except target and EOS.
+
+Trainable: the two LayerNorms, the Q-Former and its query, the projector, LoRA (q_proj, v_proj) in the frozen LLM.
+Frame rate: Whisper gives 50 frames/s, i.e. one frame per 320 samples at 16 kHz; window k covers frames
+[17k, 17k + 17), i.e. samples [17k * 320, (17k + 17) * 320), and is "real" when 17k * 320 < wav_len.
+
+Hidden states (the paper's layers): layer 0 is the LLM's input embedding (for speech: the projector output at
+the speech positions; for text: the transcript's token embeddings), layer l >= 1 the output of decoder layer l,
+the last one after the final norm (as HF's `output_hidden_states`).
+
+Not a framework: `LSM` is one nn.Module; `forward` is `speech_forward` so DistributedDataParallel can wrap it
+(call `ddp(batch, layers)`; `ddp.module.text_forward(...)` needs no DDP since it has no gradient).
+"""
+import argparse
+import contextlib
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel, WhisperModel
+
+import beats as beats_lib
+
+SAMPLE_RATE = 16000
+FRAMES_30S = 1500  # Whisper encoder frames for its fixed 30 s input (50 Hz)
+SAMPLES_PER_FRAME = SAMPLE_RATE * 30 // FRAMES_30S  # 320
+IGNORE = -100  # label of positions without loss
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def window_frames(second_per_window=0.333333):
+    """Frames per Q-Former window, as SALMONN: round(1500 * 0.333333 / 30) = 17."""
+    return round(FRAMES_30S * second_per_window / 30.0)
+
+
+def real_windows(wav_lens, n_windows, window):
+    """(B,) samples -> (B, n_windows) bool: window k overlaps real audio iff k * window * 320 < wav_len."""
+    start = torch.arange(n_windows, device=wav_lens.device) * window * SAMPLES_PER_FRAME
+    return start[None, :] < wav_lens[:, None]
+
+
+def _dtype_kwarg(dtype):
+    import transformers  # `dtype` replaced `torch_dtype` in transformers 4.56
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+# ----------------------------------------------------------------------------- connector
+
+
+class WindowQFormer(nn.Module):
+    """Window-level Q-Former: R (B, T, D) -> (B, T // L, H).
+
+    The frames are cut into W = T // L windows of L frames (stride L; the last T - W*L frames are dropped), the
+    windows are batched as (B*W, L, D) and one learned query (init N(0, 0.02)) attends to each through a BERT-style
+    Q-Former (self-attention over the query, cross-attention to the window in every layer, FFN)."""
+
+    def __init__(self, enc_dim, window=17, hidden=768, layers=2, heads=12, ffn=3072):
+        super().__init__()
+        self.window = window
+        cfg = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                 intermediate_size=ffn, encoder_hidden_size=enc_dim, cross_attention_frequency=1)
+        self.bert = Blip2QFormerModel(cfg)
+        for layer in self.bert.encoder.layer:  # older transformers build a text-input FFN that queries never use
+            for name in ("intermediate", "output"):
+                if hasattr(layer, name):
+                    delattr(layer, name)
+        self.query = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        W, L = T // self.window, self.window
+        windows = x[:, :W * L].reshape(B * W, L, D)
+        out = self.bert(query_embeds=self.query.expand(B * W, -1, -1), encoder_hidden_states=windows)
+        return out.last_hidden_state.reshape(B, W, -1)  # (B*W, 1, H) -> (B, W, H)
+
+
+# ----------------------------------------------------------------------------- prompt templates
+
+
+TEMPLATES = {
+    # SALMONN: "USER: <Speech><SpeechHere></Speech> {instruction}\nASSISTANT:" after the BOS token
+    "vicuna": dict(bos=True, before="USER: <Speech>", after="</Speech> {instruction}\nASSISTANT:"),
+    # Qwen2-Audio (base): "<|audio_bos|><|AUDIO|><|audio_eos|>{instruction}", no BOS
+    "qwen2": dict(bos=False, before="<|audio_bos|>", after="<|audio_eos|>{instruction}"),
+}
+TEMPLATE_BY_MODEL_TYPE = {"llama": "vicuna", "qwen2": "qwen2"}
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LSM(nn.Module):
+    """Large speech-text model. Build with `LSM.from_args(args)` or `LSM(whisper=..., llm=..., beats=...)`."""
+
+    def __init__(self, whisper, llm, beats=None, *, lora_r=8, lora_alpha=32, lora_dropout=0.1,
+                 lora_targets=("q_proj", "v_proj"), template="auto", speech_tokens="all", llm_dtype="bfloat16",
+                 second_per_window=0.333333, qformer_layers=2, qformer_hidden=768, qformer_heads=12,
+                 qformer_ffn=3072, verbose=True):
+        super().__init__()
+        if speech_tokens not in ("all", "real"):
+            raise ValueError(f"--speech-tokens must be 'all' or 'real', got {speech_tokens!r}")
+        if llm_dtype not in DTYPES:
+            raise ValueError(f"--llm-dtype must be one of {list(DTYPES)}, got {llm_dtype!r}")
+        # everything needed to rebuild this model (saved beside the trainable weights)
+        self.build_args = dict(
+            whisper=whisper, llm=llm, beats=beats, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            lora_targets=list(lora_targets), template=template, speech_tokens=speech_tokens, llm_dtype=llm_dtype,
+            second_per_window=second_per_window, qformer_layers=qformer_layers, qformer_hidden=qformer_hidden,
+            qformer_heads=qformer_heads, qformer_ffn=qformer_ffn)
+        self.speech_tokens = speech_tokens
+
+        # frozen encoders (float32; under autocast they compute in half precision)
+        self.whisper = WhisperModel.from_pretrained(whisper, **_dtype_kwarg(torch.float32)).encoder
+        self.whisper.requires_grad_(False).eval()
+        self.beats = beats_lib.load_beats(beats) if beats else None  # frozen, eval
+        d_whisper = self.whisper.config.d_model
+        d_beats = self.beats.cfg.encoder_embed_dim if self.beats is not None else 0
+
+        # trainable connector
+        self.ln_whisper = nn.LayerNorm(d_whisper)
+        self.ln_beats = nn.LayerNorm(d_beats) if self.beats is not None else None
+        self.window = window_frames(second_per_window)
+        self.qformer = WindowQFormer(d_whisper + d_beats, self.window, qformer_hidden, qformer_layers,
+                                     qformer_heads, qformer_ffn)
+
+        # frozen LLM + LoRA
+        self.tokenizer = AutoTokenizer.from_pretrained(llm)
+        base = AutoModelForCausalLM.from_pretrained(llm, **_dtype_kwarg(DTYPES[llm_dtype]))
+        base.requires_grad_(False)
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=list(lora_targets), task_type="CAUSAL_LM")
+        self.llm = get_peft_model(base, lora)
+        self.proj = nn.Linear(qformer_hidden, base.config.hidden_size)
+        self.n_layers = base.config.num_hidden_layers
+        self._set_template(template, base.config.model_type)
+
+        if verbose:
+            counts = {}
+            for name, p in self.named_parameters():
+                if p.requires_grad:
+                    part = "lora" if "lora_" in name else name.split(".")[0]
+                    counts[part] = counts.get(part, 0) + p.numel()
+            print(f"LSM: trainable parameters {sum(counts.values()):,} "
+                  f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}); template {self.template_name} "
+                  f"(speech follows {self.tokenizer.convert_ids_to_tokens(self.prefix_ids)}), speech tokens "
+                  f"{speech_tokens}, {'Whisper + BEATs' if self.beats is not None else 'Whisper only'}")
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _set_template(self, template, model_type):
+        if template == "auto":
+            if model_type not in TEMPLATE_BY_MODEL_TYPE:
+                raise ValueError(f"--template auto: no template for LLM model_type {model_type!r}; "
+                                 f"pass --template {'|'.join(TEMPLATES)}")
+            template = TEMPLATE_BY_MODEL_TYPE[model_type]
+        if template not in TEMPLATES:
+            raise ValueError(f"--template must be auto or one of {list(TEMPLATES)}, got {template!r}")
+        t, tok = TEMPLATES[template], self.tokenizer
+        if t["bos"] and tok.bos_token_id is None:
+            raise ValueError(f"template {template} needs a BOS token; the tokenizer of {self.build_args['llm']} has none")
+        if tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {self.build_args['llm']} has no EOS token")
+        self.template_name = template
+        self.prefix_ids = ([tok.bos_token_id] if t["bos"] else []) + self._ids(t["before"])
+        self.after = t["after"]
+        self.eos_id = tok.eos_token_id  # "<|endoftext|>" for Qwen2 base, "</s>" for Vicuna
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def causal_lm(self):
+        """The HF *ForCausalLM inside PEFT (LoRA layers injected)."""
+        return self.llm.get_base_model()
+
+    @property
+    def decoder(self):
+        """The HF decoder stack (embed_tokens, layers, norm, rotary_emb) without the LM head."""
+        return self.causal_lm.get_decoder()
+
+    @property
+    def device(self):
+        return self.proj.weight.device
+
+    def train(self, mode=True):
+        """Frozen encoders stay in eval mode (no dropout / layer drop); LoRA and the connector follow `mode`."""
+        super().train(mode)
+        self.whisper.eval()
+        if self.beats is not None:
+            self.beats.eval()
+        return self
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ speech side
+
+    def encode_speech(self, batch):
+        """batch (see data.py) -> speech tokens E^S (B, W, d_llm) float32, speech_mask (B, W) True = real window.
+
+        W = 1500 // 17 = 88 for Whisper's 30 s input. BEATs features at padded positions are set to zero (after the
+        LayerNorm), so a clip gives the same tokens alone or in a padded batch."""
+        dev = self.device
+        mel = batch["mel"].to(dev, self.whisper.conv1.weight.dtype)
+        wav_lens = batch["wav_lens"].to(dev)
+        with torch.no_grad():
+            speech = self.whisper(mel).last_hidden_state  # (B, 1500, Dw)
+        x = self.ln_whisper(speech)
+        if self.beats is not None:
+            wav = batch["wav"].to(dev, torch.float32)
+            pad = torch.arange(wav.shape[1], device=dev)[None, :] >= wav_lens[:, None]
+            with torch.no_grad():
+                audio, audio_pad = self.beats(wav, pad)  # (B, N, Db), N ~ 1496 for 30 s
+            audio = self.ln_beats(audio).masked_fill(audio_pad[..., None], 0.0)
+            n = max(x.shape[1], audio.shape[1])  # zero-pad the shorter stream at the end
+            x = torch.cat([F.pad(x, (0, 0, 0, n - x.shape[1])), F.pad(audio, (0, 0, 0, n - audio.shape[1]))], -1)
+        tokens = self.proj(self.qformer(x))  # (B, W, d_llm)
+        return tokens, real_windows(wav_lens, tokens.shape[1], self.window)
+
+    def _speech_middles(self, tokens, speech_mask):
+        """What goes at <Speech> per sample: all W windows (SALMONN) or only the real ones (--speech-tokens real)."""
+        if self.speech_tokens == "all":
+            return list(tokens)
+        return [t[:int(m.sum())] for t, m in zip(tokens, speech_mask)]  # real windows are a prefix
+
+    def _embed_texts(self, texts):
+        """Transcripts -> list of (m_i, d_llm) token embeddings (the text that goes where the speech goes)."""
+        emb = self.llm.get_input_embeddings()
+        out = []
+        for i, text in enumerate(texts):
+            if text is None:
+                raise ValueError(f"sample {i} has no transcript (audio captioning?): the text side needs one")
+            out.append(emb(torch.tensor(self._ids(text), dtype=torch.long, device=self.device)))
+        return out
+
+    # ------------------------------------------------------------------ prompt splicing
+
+    def splice(self, middles, instructions, targets=None, left_pad=False):
+        """Build the LLM input: per sample  prefix | middle_i | after(instruction_i) | target_i EOS, then pad.
+
+        middles: B tensors (n_i, d_llm): speech tokens or transcript embeddings. Returns a dict:
+          embeds (B, S, d_llm) in the LLM dtype (zeros at padding); mask (B, S) long, 1 = token;
+          position_ids (B, S) = cumsum(mask) - 1 (0 at padding), right for left and right padding alike;
+          labels (B, S) (only when targets are given): -100 except target tokens and EOS;
+          pos (B, M), pos_mask (B, M): index in the sequence of middle element j of sample i, M = max n_i."""
+        if len(instructions) != len(middles) or (targets is not None and len(targets) != len(middles)):
+            raise ValueError(f"splice: {len(middles)} middles, {len(instructions)} instructions, "
+                             f"{None if targets is None else len(targets)} targets")
+        emb = self.llm.get_input_embeddings()
+        dev, dtype = self.device, emb.weight.dtype
+        rows, label_rows, starts = [], [], []
+        for i, mid in enumerate(middles):
+            post = self._ids(self.after.replace("{instruction}", instructions[i]))
+            tgt = self._ids(targets[i]) + [self.eos_id] if targets is not None else []
+            pre_e, post_e, tgt_e = emb(torch.tensor(self.prefix_ids + post + tgt, device=dev)).split(
+                [len(self.prefix_ids), len(post), len(tgt)])
+            rows.append(torch.cat([pre_e, mid.to(dtype), post_e, tgt_e]))
+            label_rows.append([IGNORE] * (len(self.prefix_ids) + len(mid) + len(post)) + tgt)
+            starts.append(len(self.prefix_ids))
+        B, S, M = len(rows), max(len(r) for r in rows), max(len(m) for m in middles)
+        embeds = torch.zeros(B, S, rows[0].shape[-1], dtype=dtype, device=dev)
+        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
+        labels = torch.full((B, S), IGNORE, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, M, dtype=torch.long, device=dev)
+        pos_mask = torch.zeros(B, M, dtype=torch.bool, device=dev)
+        for i, row in enumerate(rows):
+            off = S - len(row) if left_pad else 0
+            embeds[i, off:off + len(row)] = row
+            mask[i, off:off + len(row)] = 1
+            labels[i, off:off + len(row)] = torch.tensor(label_rows[i], device=dev)
+            n = len(middles[i])
+            pos[i, :n] = off + starts[i] + torch.arange(n, device=dev)
+            pos_mask[i, :n] = True
+        out = dict(embeds=embeds, mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), pos=pos,
+                   pos_mask=pos_mask)
+        if targets is not None:
+            out["labels"] = labels
+        return out
+
+    # ------------------------------------------------------------------ forwards
+
+    def _check_layers(self, layers):
+        bad = [l for l in layers if not (isinstance(l, int) and 0 <= l <= self.n_layers)]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the LLM has layers 0 (embeddings) .. {self.n_layers}")
+
+    @staticmethod
+    def _gather(h, pos, pos_mask):
+        """h (B, S, d), pos (B, M) -> (B, M, d) states at those positions, zero where pos_mask is False."""
+        out = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+        return out * pos_mask[..., None].to(out.dtype)
+
+    def _run_decoder(self, inp, hidden_states):
+        return self.decoder(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
+                            position_ids=inp["position_ids"], output_hidden_states=hidden_states, use_cache=False,
+                            return_dict=True)
+
+    def forward(self, batch, layers=()):
+        return self.speech_forward(batch, layers)
+
+    def speech_forward(self, batch, layers=()):
+        """Teacher-forced ST/ASR/AAC step on a collated batch (data.py). Returns a dict:
+          loss       mean cross-entropy over all target tokens (+ EOS) of the batch
+          n_correct, n_tokens   next-token accuracy counts on the target (SALMONN's validation accuracy)
+          hidden     {l: (B, W, d_llm)} LLM states at the speech positions (l = 0: projector output), with gradient
+          speech_mask (B, W) True on windows overlapping real audio
+        W = 88 with --speech-tokens all, the batch's largest number of real windows with --speech-tokens real."""
+        layers = tuple(layers)
+        self._check_layers(layers)
+        tokens, speech_mask = self.encode_speech(batch)
+        inp = self.splice(self._speech_middles(tokens, speech_mask), batch["instructions"], batch["targets"])
+        out = self._run_decoder(inp, hidden_states=bool(layers))
+        # logits only where a target token is predicted (a 152k vocabulary x every position would dominate memory)
+        labels = inp["labels"][:, 1:]
+        sel = labels != IGNORE
+        logits = self.causal_lm.get_output_embeddings()(out.last_hidden_state[:, :-1][sel]).float()
+        target = labels[sel]
+        loss = F.cross_entropy(logits, target)
+        hidden = {l: self._gather(out.hidden_states[l], inp["pos"], inp["pos_mask"]) for l in layers}
+        return dict(loss=loss, n_correct=(logits.argmax(-1) == target).sum(), n_tokens=sel.sum(), hidden=hidden,
+                    speech_mask=speech_mask[:, :inp["pos"].shape[1]])
+
+    @torch.no_grad()
+    def text_forward(self, transcripts, instructions, layers):
+        """The transcripts in place of the speech (same template and instruction, no target), in eval mode.
+
+        Returns ({l: (B, m, d_llm)} states at the transcript positions, text_mask (B, m) True = token).
+        Runs only decoder layers 1 .. max(layers): the layer list is cut for the call, so HF's own rotary
+        embeddings, causal mask and padding handling apply unchanged."""
+        layers = tuple(layers)
+        self._check_layers(layers)
+        if not layers:
+            raise ValueError("text_forward: give at least one layer")
+        with self._eval_mode():
+            inp = self.splice(self._embed_texts(transcripts), instructions)
+            deepest = max(layers)
+            states = (inp["embeds"],)
+            if deepest > 0:
+                with self._truncated_decoder(deepest):
+                    states = self._run_decoder(inp, hidden_states=True).hidden_states
+            hidden = {l: self._gather(states[l], inp["pos"], inp["pos_mask"]) for l in layers}
+        return hidden, inp["pos_mask"]
+
+    @contextlib.contextmanager
+    def _truncated_decoder(self, n):
+        """Temporarily keep decoder layers 1..n; below the last layer the final norm is skipped too, so
+        hidden_states[n] is the raw output of layer n, exactly as in a full forward."""
+        dec = self.decoder
+        layers, norm, n_cfg = dec.layers, dec.norm, dec.config.num_hidden_layers
+        if n < len(layers):
+            dec.layers, dec.norm, dec.config.num_hidden_layers = layers[:n], nn.Identity(), n
+        try:
+            yield
+        finally:
+            dec.layers, dec.norm, dec.config.num_hidden_layers = layers, norm, n_cfg
+
+    @torch.no_grad()
+    def generate_ids(self, batch, mode="st", num_beams=4, max_new_tokens=200):
+        """Decode from speech (mode "st") or from the transcript in place of the speech (mode "mt", the paper's
+        zero-shot MT). Left-padded prompts, greedy if num_beams == 1 else beam search, stop at the template's EOS.
+        Returns the new token ids (B, n <= max_new_tokens), padded with the pad id after EOS."""
+        with self._eval_mode():
+            if mode == "st":
+                middles = self._speech_middles(*self.encode_speech(batch))
+            elif mode == "mt":
+                middles = self._embed_texts(batch["transcripts"])
+            else:
+                raise ValueError(f"generate: mode must be 'st' or 'mt', got {mode!r}")
+            inp = self.splice(middles, batch["instructions"], left_pad=True)
+            # every decoding option explicit, so none comes from the checkpoint's generation_config (e.g. sampling)
+            return self.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
+                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                     repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
+                                     eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
+
+    def generate(self, batch, mode="st", num_beams=4, max_new_tokens=200):
+        """-> list of B decoded strings (special tokens skipped, stripped). See generate_ids."""
+        ids = self.generate_ids(batch, mode, num_beams, max_new_tokens)
+        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ trainable state
+
+    def trainable_state(self):
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, path):
+        """Trainable parameters -> `path` (safetensors); constructor arguments -> `path` + ".json"."""
+        from safetensors.torch import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable_state().items()}, path)
+        with open(path + ".json", "w") as f:
+            json.dump(self.build_args, f, indent=1)
+
+    def load_trainable(self, path):
+        """Load what save_trainable wrote into this model (every trainable parameter, nothing else)."""
+        from safetensors.torch import load_file
+        state, own = load_file(path), self.trainable_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not match this model's trainable parameters: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''} (was it saved with other model flags? "
+                             f"see {path}.json)")
+        with torch.no_grad():
+            for n, p in own.items():
+                if p.shape != state[n].shape:
+                    raise ValueError(f"{path}: {n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
+                p.copy_(state[n])
+        return self
+
+    @classmethod
+    def from_trainable(cls, path, **overrides):
+        """Rebuild the model from `path`.json (overrides replace entries, e.g. llm=...) and load `path`."""
+        with open(path + ".json") as f:
+            cfg = {**json.load(f), **overrides}
+        return cls(**cfg).load_trainable(path)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(whisper=args.whisper, llm=args.llm, beats=None if args.no_beats else args.beats,
+                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                   lora_targets=args.lora_targets, template=args.template, speech_tokens=args.speech_tokens,
+                   llm_dtype=args.llm_dtype, second_per_window=args.second_per_window,
+                   qformer_layers=args.qformer_layers, qformer_hidden=args.qformer_hidden,
+                   qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn)
+
+
+def add_model_args(parser):
+    """Model flags (defaults: the paper / SALMONN)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--whisper", default="openai/whisper-large-v2", help="Whisper checkpoint (dir or hub id)")
+    g.add_argument("--beats", default=beats_lib.BEATS_CKPT_NAME, help="BEATs checkpoint file")
+    g.add_argument("--no-beats", action="store_true", help="Whisper only (the Q-Former then sees Whisper's width)")
+    g.add_argument("--llm", default="Qwen/Qwen2-7B", help="LLM dir or hub id (paper: Qwen2-7B or Vicuna-13B-v1.1)")
+    g.add_argument("--llm-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the frozen LLM")
+    g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
+                   help="prompt template; auto: llama -> vicuna (SALMONN), qwen2 -> qwen2 (Qwen2-Audio)")
+    g.add_argument("--speech-tokens", default="all", choices=["all", "real"],
+                   help="all: always 88 speech tokens (SALMONN); real: only windows overlapping real audio")
+    g.add_argument("--second-per-window", type=float, default=0.333333, help="Q-Former window (and stride), s")
+    g.add_argument("--qformer-layers", type=int, default=2)
+    g.add_argument("--qformer-hidden", type=int, default=768)
+    g.add_argument("--qformer-heads", type=int, default=12)
+    g.add_argument("--qformer-ffn", type=int, default=3072)
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    return parser
+
+
+if __name__ == "__main__":
+    p = add_model_args(argparse.ArgumentParser(description="Build the LSM and print its trainable parameters.",
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    LSM.from_args(p.parse_args())
