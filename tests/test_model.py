@@ -500,3 +500,29 @@ def test_bad_inputs_are_named(tiny_ckpts):
         lsm.text_forward(["hello"], [INSTR], [lsm.n_layers + 1])
     with pytest.raises(ValueError, match="mode"):
         lsm.generate_ids({"transcripts": ["a"], "instructions": [INSTR]}, mode="asr")
+
+
+def test_with_data_py_batches(tiny_ckpts, tmp_path):
+    """A manifest read and collated by data.py goes through the model (ST with transcript, AAC without)."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+    from transformers import WhisperFeatureExtractor
+
+    import data
+    rng = np.random.default_rng(0)
+    rows = [dict(id="a", audio="a.wav", task="st", text="hello world", translation="你好世界", tgt_lang="zh"),
+            dict(id="b", audio="b.wav", task="aac", text="a dog barks")]
+    for r, sec in zip(rows, (2.0, 1.5)):
+        sf.write(tmp_path / r["audio"], (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32), 16000)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(tiny_ckpts["qwen2"]["whisper"]))
+    batch = collate([data.SpeechDataset(data.read_manifest(tmp_path / "m.jsonl"))[i] for i in range(2)])
+    lsm = shared(tiny_ckpts)
+    with torch.no_grad():
+        out = lsm.speech_forward(batch, layers=[0])
+    assert out["speech_mask"].sum(1).tolist() == [6, 5]  # 32000 / 5440 -> 6 windows, 24000 / 5440 -> 5
+    assert out["n_tokens"].item() == len(lsm._ids("你好世界")) + len(lsm._ids("a dog barks")) + 2
+    hidden, mask = lsm.text_forward(batch["transcripts"][:1], batch["instructions"][:1], [0])
+    assert mask.sum().item() == len(lsm._ids("hello world"))
