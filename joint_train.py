@@ -1,0 +1,170 @@
+"""Stage 3 of AI-STA (paper section 4.3): speech translation fine-tuning with speech-text alignment.
+
+Starting from the stage-1 weights (--init), each step runs the speech forward (cross-entropy of the
+translation, with gradient) and the transcript, with the same instruction, in place of the speech through
+the LLM without gradient (LSM.text_forward stops after the deepest selected layer). The loss is eq. 6:
+
+    L = alpha * L_CE + sum_{l in I} (1 - alpha) / |I| * W_l,     W_l = W(h^s_l, stopgrad(h^t_l))
+
+W_l (eq. 1) is the entropic Wasserstein distance (ot.wasserstein, squared Euclidean cost, uniform masses)
+between the speech states at layer l -- only the windows that overlap real audio -- and the detached
+transcript states at layer l; the batch mean is taken. alpha = 0.99 makes the OT weight the paper's 0.01.
+I comes from stage 2 (--layers-from runs/stage2/layers.json) or by hand (--layers 0 1).
+
+--align chooses the alignment (paper Table 4; the baselines act on the embedding layer, layer 0):
+  ot    AI-STA, eq. 6 above.
+  ctc   a new trainable Linear(d_llm, V + 1) (V = the LLM vocabulary, the extra class is the CTC blank) on the
+        layer-0 speech states (real windows only), CTC loss against the transcript's token ids from the LLM's
+        tokenizer: L = alpha * L_CE + (1 - alpha) * L_CTC. The head is trained and saved in checkpoint.pt
+        (it is not part of the LSM: last/best.safetensors do not hold it). Transcripts longer than the
+        number of real windows (3 per second) cannot be aligned: their CTC loss is 0 (zero_infinity).
+  cl    multi-class N-pair contrastive loss (Sohn 2016) on length-averaged layer-0 representations,
+        the other pairs of the (per-device) batch as negatives: with s_i, t_j the mean speech / text vectors,
+        sim_ij = cos(s_i, t_j) / tau,  L_CL = -1/B sum_i log softmax_j(sim_ij)[i];
+        L = alpha * L_CE + (1 - alpha) * L_CL.
+  none  the base model of Table 2: L = L_CE.
+
+Validation every --eval-every steps on --dev (teacher-forced next-token accuracy of the target, and loss);
+training stops when the accuracy has not beaten its best for --patience validations in a row; the best
+weights are in best.safetensors. Paper (appendix A.1): as stage 1 but 3k warm-up steps, no fixed step
+count. --max-steps only bounds the run and sets the cosine horizon (not from the paper).
+
+    torchrun --nproc_per_node 8 joint_train.py --init runs/stage1/last.safetensors \\
+        --layers-from runs/stage2/layers.json --train covost_en_zh_train.jsonl --dev covost_en_zh_dev.jsonl \\
+        --output-dir runs/stage3
+"""
+import argparse
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model as M
+import ot
+import train
+
+
+class Joint(train.Objective):
+    """train.Objective with the alignment term of eq. 6 (or a Table 4 baseline) added to the cross-entropy."""
+
+    def __init__(self, lsm, align="ot", layers=(0,), alpha=0.99, ot_eps=ot.EPS, ot_iters=ot.N_ITERS,
+                 cl_temperature=0.1):
+        super().__init__(lsm)
+        if align not in ("ot", "ctc", "cl", "none"):
+            raise ValueError(f"--align must be ot, ctc, cl or none, got {align!r}")
+        self.align, self.alpha, self.ot_eps, self.ot_iters, self.tau = align, alpha, ot_eps, ot_iters, cl_temperature
+        self.layers = {"ot": tuple(layers), "ctc": (0,), "cl": (0,), "none": ()}[align]
+        if align == "ot" and not self.layers:
+            raise ValueError("--align ot needs at least one layer (--layers or --layers-from)")
+        lsm._check_layers(self.layers)
+        if align == "ctc":
+            self.vocab = lsm.causal_lm.get_output_embeddings().out_features  # blank = vocab
+            self.ctc_head = nn.Linear(lsm.proj.out_features, self.vocab + 1)
+
+    def forward(self, batch):
+        out = self.lsm.speech_forward(batch, self.layers)
+        ce = out["loss"]
+        logs = dict(ce=ce.detach(), n_correct=out["n_correct"], n_tokens=out["n_tokens"])
+        if self.align == "none":
+            return dict(loss=ce, **logs)
+        if any(t is None for t in batch["transcripts"]):
+            raise ValueError(f"--align {self.align} needs a transcript for every item; batch {batch['ids']} has none "
+                             f"for some (audio captioning entries?)")
+        speech_mask = out["speech_mask"]
+        if self.align == "ctc":
+            align = self.ctc_loss(out["hidden"][0], speech_mask, batch["transcripts"])
+            return dict(loss=self.alpha * ce + (1 - self.alpha) * align, ctc=align.detach(), **logs)
+        # text states: no gradient (LSM.text_forward runs under no_grad) and detached again for clarity
+        text, text_mask = self.lsm.text_forward(batch["transcripts"], batch["instructions"], self.layers)
+        if self.align == "cl":
+            align = n_pair_loss(masked_mean(out["hidden"][0], speech_mask), masked_mean(text[0].detach(), text_mask),
+                                self.tau)
+            return dict(loss=self.alpha * ce + (1 - self.alpha) * align, cl=align.detach(), **logs)
+        loss = self.alpha * ce
+        for l in self.layers:
+            w = ot.wasserstein(out["hidden"][l], text[l].detach(), speech_mask, text_mask,
+                               eps=self.ot_eps, n_iters=self.ot_iters).mean()
+            loss = loss + (1 - self.alpha) / len(self.layers) * w
+            logs[f"w_{l}"] = w.detach()
+        return dict(loss=loss, **logs)
+
+    def ctc_loss(self, speech0, speech_mask, transcripts):
+        """CTC between the head's log-probabilities over the real windows and the transcript token ids."""
+        ids = [self.lsm.tokenizer(t, add_special_tokens=False).input_ids for t in transcripts]
+        log_probs = self.ctc_head(speech0).float().log_softmax(-1).transpose(0, 1)  # (W, B, V + 1)
+        targets = torch.tensor([i for x in ids for i in x], dtype=torch.long, device=log_probs.device)
+        return F.ctc_loss(log_probs, targets, speech_mask.sum(1), torch.tensor([len(x) for x in ids]),
+                          blank=self.vocab, zero_infinity=True)
+
+
+def masked_mean(x, mask):
+    """(B, n, d), (B, n) bool -> (B, d): mean over the valid positions (length-averaged representation)."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def n_pair_loss(s, t, tau):
+    """Multi-class N-pair loss (in-batch negatives): mean_i -log softmax_j(cos(s_i, t_j) / tau)[i]."""
+    sim = F.normalize(s.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T / tau
+    return F.cross_entropy(sim, torch.arange(len(s), device=sim.device))
+
+
+def read_layers(path):
+    """layers.json of select_layers.py -> its "selected" list (error if empty)."""
+    with open(path) as f:
+        selected = json.load(f).get("selected")
+    if not isinstance(selected, list) or not all(isinstance(l, int) for l in selected):
+        raise ValueError(f"--layers-from {path}: no list of integers under 'selected'")
+    if not selected:
+        raise ValueError(f"--layers-from {path}: no layer passed the threshold; give --layers by hand "
+                         f"(the paper always keeps layer 0)")
+    return selected
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p.add_argument("--init", required=True, help="stage-1 weights (runs/stage1/last.safetensors; its .json beside it "
+                                                 "rebuilds the model; model flags given here override it)")
+    p.add_argument("--train", required=True, help="training manifest (ST, with transcripts)")
+    p.add_argument("--align", default="ot", choices=["ot", "ctc", "cl", "none"],
+                   help="ot: AI-STA (eq. 6); ctc / cl: Table 4 baselines at layer 0; none: cross-entropy only")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers I to align with --align ot (0 = embeddings)")
+    p.add_argument("--layers-from", default=None, help="layers.json of select_layers.py (its 'selected' layers)")
+    p.add_argument("--alpha", type=float, default=0.99, help="CE weight; the alignment weight is 1 - alpha (eq. 6)")
+    p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
+    p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
+    p.add_argument("--cl-temperature", type=float, default=0.1, help="temperature tau of --align cl")
+    M.add_model_args(p)
+    train.add_train_args(p, warmup_steps=3000, max_steps=80000, validation=True)
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if args.layers is not None and args.layers_from is not None:
+        p.error("give --layers or --layers-from, not both")
+    layers = read_layers(args.layers_from) if args.layers_from else args.layers
+    if args.align == "ot" and not layers:
+        p.error("--align ot needs --layers or --layers-from")
+    if args.align != "ot" and layers:
+        print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
+    args.layers = layers if args.align == "ot" else None
+    train_entries = data.read_manifest(args.train, skip_bad=args.skip_bad)
+    dev_entries = data.read_manifest(args.dev, skip_bad=args.skip_bad) if args.dev else None
+
+    torch.manual_seed(args.seed)  # the same CTC head on every rank
+    lsm = M.LSM.from_trainable(args.init, **train.model_kwargs_from_args(args, p))
+    objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature)
+    from transformers import WhisperFeatureExtractor
+    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
+    instructions = data.Instructions(args.instructions, args.seed)
+    dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad) if dev_entries else None
+    return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad),
+                       collate, dev_set=dev)
+
+
+if __name__ == "__main__":
+    main()
