@@ -1,0 +1,203 @@
+"""Stage 2 of AI-STA (paper section 4.2): choose the LLM layers to align, by speech-to-text retrieval.
+
+With the stage-1 model, N random speech-text pairs (paper: 1000 from LibriSpeech test-clean, --num-pairs,
+seeded) go through the LLM twice with the same instruction: the speech (states at the speech positions,
+only windows that overlap real audio) and the transcript in place of the speech (states at the transcript
+positions). For every layer l = 0 (embeddings) .. L, with h^s_{i,l} / h^t_{j,l} the states of speech i /
+text j (eq. 3):
+
+    D^(l)_ij = W(h^s_{i,l}, h^t_{j,l})                 (ot.pairwise_wasserstein, N x N)
+    r_i      = rank of the true text i among all N texts by D^(l)_i.  (1 = closest; ties count against it)
+    MRR^(l)  = 1/N sum_i 1 / r_i                                                    (eq. 4)
+    I        = { l : MRR^(l) > threshold }                                          (eq. 5, threshold 0.05)
+
+Output (--output-dir): layers.json {"mrr": {layer: MRR}, "selected": I, "threshold", "num_pairs", "args"}
+(joint_train.py --layers-from reads "selected"), mrr_per_layer.png (paper Figure 4; needs matplotlib), and
+the table on stdout. The 2N forwards keep every layer's states in CPU memory (real positions only, in the
+LLM's dtype), so N = 1000 x 29 layers of a 7B model fit; the N x N problems of a layer run on --device in
+blocks with a progress bar.
+
+    python select_layers.py --init runs/stage1/last.safetensors --manifest librispeech_test_clean.jsonl \\
+        --output-dir runs/stage2
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import model as M
+import ot
+import train
+
+
+# ----------------------------------------------------------------------------- retrieval metric (pure)
+
+
+def ranks(D):
+    """D (N, N) distances, speech i vs text j, true pairs on the diagonal -> (N,) long ranks r_i >= 1:
+    r_i = 1 + #{j != i : D_ij <= D_ii} (a tie with a wrong text counts as ranked above the true one)."""
+    true = D.diagonal()[:, None]
+    others = ~torch.eye(len(D), dtype=torch.bool, device=D.device)
+    return 1 + ((D <= true) & others).sum(1)
+
+
+def mean_reciprocal_rank(D):
+    """Eq. 4: MRR = 1/Q sum_i 1 / r_i."""
+    return (1.0 / ranks(D).double()).mean().item()
+
+
+def select(mrr, threshold):
+    """Eq. 5: the layers whose MRR is above the threshold, in increasing order."""
+    return sorted(l for l, v in mrr.items() if v > threshold)
+
+
+def pad(states):
+    """list of (n_i, d) -> (N, max n, d) float32, mask (N, max n) bool."""
+    n = max(len(s) for s in states)
+    x = torch.zeros(len(states), n, states[0].shape[-1])
+    mask = torch.zeros(len(states), n, dtype=torch.bool)
+    for i, s in enumerate(states):
+        x[i, :len(s)], mask[i, :len(s)] = s.float(), True
+    return x, mask
+
+
+def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096, rows=32, device="cpu"):
+    """speech / text: {layer: list of N tensors (n_i, d) / (m_i, d)} (pair i = speech i, text i)
+    -> {layer: MRR}. D^(l) is computed in blocks of `rows` speech rows on `device`."""
+    out = {}
+    for l in sorted(speech):
+        x, xm = pad(speech[l])
+        y, ym = (t.to(device) for t in pad(text[l]))
+        D = torch.empty(len(x), len(y), dtype=torch.float64)
+        for i in tqdm(range(0, len(x), rows), desc=f"layer {l} distances", leave=False):
+            D[i:i + rows] = ot.pairwise_wasserstein(x[i:i + rows].to(device), y, xm[i:i + rows].to(device), ym,
+                                                    eps=eps, n_iters=n_iters, chunk_size=chunk_size).double().cpu()
+        out[l] = mean_reciprocal_rank(D)
+    return out
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+
+@torch.no_grad()
+def collect_states(lsm, loader, layers, autocast):
+    """Run every batch through speech_forward and text_forward (same instruction). Returns
+    ({l: [speech states of real windows (n_i, d)]}, {l: [transcript states (m_i, d)]}) on the CPU. The speech
+    forward also sees the target after the instruction; by causality the states at the speech positions do not
+    depend on it."""
+    speech, text = {l: [] for l in layers}, {l: [] for l in layers}
+    for batch in tqdm(loader, desc="forwards"):
+        if batch is None:
+            continue
+        with autocast():
+            out = lsm.speech_forward(batch, layers)
+            hid_t, mask_t = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
+        n_s, n_t = out["speech_mask"].sum(1).tolist(), mask_t.sum(1).tolist()
+        for l in layers:  # real windows / transcript tokens are a prefix of each row
+            speech[l] += [h[:n].cpu() for h, n in zip(out["hidden"][l], n_s)]
+            text[l] += [h[:n].cpu() for h, n in zip(hid_t[l], n_t)]
+    return speech, text
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def plot(mrr, threshold, path, title):
+    """MRR per layer with the threshold, like the paper's Figure 4. Returns False if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)")
+        return False
+    layers = sorted(mrr)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(layers, [mrr[l] for l in layers], marker="o", label="MRR")
+    ax.axhline(threshold, color="gray", linestyle="--", label=f"threshold {threshold}")
+    ax.set(xlabel="layer (0 = embeddings)", ylabel="MRR", title=title, ylim=(0, max(1.0, max(mrr.values()))))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return True
+
+
+def table(mrr, selected):
+    lines = ["layer  MRR      selected"]
+    lines += [f"{l:5d}  {mrr[l]:.4f}   {'*' if l in selected else ''}" for l in sorted(mrr)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p.add_argument("--init", required=True, help="stage-1 weights (runs/stage1/last.safetensors, .json beside it)")
+    p.add_argument("--manifest", required=True, help="speech with transcripts (paper: LibriSpeech test-clean)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--num-pairs", type=int, default=1000, help="random pairs N (all if the manifest has fewer)")
+    p.add_argument("--threshold", type=float, default=0.05, help="select layers with MRR above this (eq. 5)")
+    p.add_argument("--seed", type=int, default=0, help="which pairs are sampled")
+    p.add_argument("--batch-size", type=int, default=8, help="forward batch")
+    p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
+    p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
+    p.add_argument("--chunk-size", type=int, default=4096, help="OT problems solved at once")
+    p.add_argument("--rows", type=int, default=32, help="speech rows of D per block (progress bar step)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype of the forwards")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--skip-bad", action="store_true", help="skip broken manifest lines and unreadable audio")
+    p.add_argument("--instructions", default=None, help="JSON file of alternative instructions (data.Instructions)")
+    M.add_model_args(p)
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    entries = [e for e in data.read_manifest(args.manifest, skip_bad=args.skip_bad) if e["task"] != "aac"]
+    if len(entries) < 2:
+        raise ValueError(f"--manifest {args.manifest}: need at least 2 entries with transcripts (asr/st), "
+                         f"found {len(entries)}")
+    if len(entries) < args.num_pairs:
+        print(f"--num-pairs {args.num_pairs}: {args.manifest} has {len(entries)} usable entries; using all")
+    pairs = random.Random(args.seed).sample(entries, min(args.num_pairs, len(entries)))
+
+    device = torch.device(args.device)
+    lsm = M.LSM.from_trainable(args.init, **train.model_kwargs_from_args(args, p)).to(device).eval()
+    layers = list(range(lsm.n_layers + 1))
+    from transformers import WhisperFeatureExtractor
+    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
+    dataset = data.SpeechDataset(pairs, data.Instructions(args.instructions, args.seed), skip_bad=args.skip_bad)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    speech, text = collect_states(lsm, loader, layers, autocast)
+    llm_name = os.path.basename(lsm.build_args["llm"].rstrip("/"))
+    del lsm  # free the device for the distances
+
+    mrr = layer_mrrs(speech, text, eps=args.ot_eps, n_iters=args.ot_iters, chunk_size=args.chunk_size,
+                     rows=args.rows, device=device)
+    selected = select(mrr, args.threshold)
+    os.makedirs(args.output_dir, exist_ok=True)
+    result = dict(mrr={str(l): v for l, v in mrr.items()}, selected=selected, threshold=args.threshold,
+                  num_pairs=len(speech[0]), args=vars(args))
+    train.atomic(os.path.join(args.output_dir, "layers.json"),
+                 lambda path: train.write_text(path, json.dumps(result, indent=1)))
+    plot(mrr, args.threshold, os.path.join(args.output_dir, "mrr_per_layer.png"),
+         f"speech-to-text retrieval, {len(speech[0])} pairs ({llm_name})")
+    print(table(mrr, selected))
+    print(f"selected layers (MRR > {args.threshold}): {selected} -> {os.path.join(args.output_dir, 'layers.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""joint_train.py (stage 3) on the tiny checkpoints (CPU, float32): eq. 6 as logged, every --align mode end to end,
+W falling under --align ot, no gradient into the text side or frozen weights, the baselines' losses by hand,
+--layers-from."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import joint_train
+import model as M
+from conftest import TINY_QFORMER, make_batch
+from test_train import RUN_FLAGS, ST_ROWS, metrics, one_thread, write_manifest  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpts, tmp_path_factory):
+    """A stage-1 checkpoint (fresh tiny LSM, Whisper only, float32) and ST train/dev manifests."""
+    d = tmp_path_factory.mktemp("joint")
+    p = tiny_ckpts["qwen2"]
+    torch.manual_seed(0)
+    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
+    init = str(d / "stage1" / "last.safetensors")
+    lsm.save_trainable(init)
+    return dict(init=init, train=write_manifest(d, "train", ST_ROWS), dev=write_manifest(d, "dev", ST_ROWS[:2], seed=1),
+                fixed=write_manifest(d, "fixed", ST_ROWS[:2]), folder=d)
+
+
+def run(setup, out, *flags):
+    return joint_train.main(["--init", setup["init"], "--output-dir", str(out), "--batch-size", "2", *RUN_FLAGS,
+                             *flags])
+
+
+@pytest.mark.parametrize("align", ["ot", "ctc", "cl", "none"])
+def test_each_align_mode_end_to_end(setup, tmp_path, align):
+    end = run(setup, tmp_path, "--train", setup["train"], "--dev", setup["dev"], "--align", align, "--layers", "0", "1",
+              "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "1", "--alpha", "0.9")
+    assert end["step"] == 2 and end["best_step"] in (1, 2)
+    files = set(os.listdir(tmp_path))
+    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "last.safetensors", "best.safetensors"} <= files
+    rows = [r for r in metrics(tmp_path) if "lr" in r]
+    dev = [r for r in metrics(tmp_path) if r.get("split") == "dev"]
+    assert len(rows) == 2 and len(dev) == 2 and all(0 <= r["acc"] <= 1 and r["n_tokens"] > 0 for r in dev)
+    extra = {"ot": ["w_0", "w_1"], "ctc": ["ctc"], "cl": ["cl"], "none": []}[align]
+    for r in rows:  # the logged terms add up to the loss (eq. 6 / the baselines with weight 1 - alpha)
+        assert all(math.isfinite(r[k]) for k in ["ce"] + extra)
+        if align == "ot":
+            expected = 0.9 * r["ce"] + 0.1 / 2 * (r["w_0"] + r["w_1"])
+        elif align == "none":
+            expected = r["ce"]
+        else:
+            expected = 0.9 * r["ce"] + 0.1 * r[align]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5), r
+        assert not {"w_0", "w_1", "ctc", "cl"} - set(extra) & set(r)
+    args = json.load(open(tmp_path / "args.json"))
+    assert args["layers"] == ([0, 1] if align == "ot" else None) and args["align"] == align
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    if align == "ctc":  # the head is trained and saved with the training state, not with the LSM weights
+        vocab = M.LSM.from_trainable(setup["init"], verbose=False).causal_lm.get_output_embeddings().out_features
+        assert ck["model"]["ctc_head.weight"].shape == (vocab + 1, 64)
+        assert not [n for n in load_file(tmp_path / "last.safetensors") if "ctc" in n]
+    else:
+        assert not [n for n in ck["model"] if "ctc" in n]
+
+
+def test_w_falls_with_align_ot(setup, tmp_path):
+    """The paper's alpha 0.99 (OT weight 0.01), layers 0 and 1, a fixed batch of 2, 20 steps at lr 1e-3.
+    Measured: W_0 20.0 -> ~5, W_1 20.4 -> ~5, CE 6.09 -> 5.8."""
+    run(setup, tmp_path, "--train", setup["fixed"], "--layers", "0", "1", "--max-steps", "20", "--warmup-steps", "3",
+        "--lr", "1e-3", "--min-lr", "1e-4")
+    rows = [r for r in metrics(tmp_path) if "lr" in r]
+    for key in ("w_0", "w_1", "ce"):
+        first, last = rows[0][key], np.mean([r[key] for r in rows[-3:]])
+        print(f"{key}: {first:.3f} -> {last:.3f}")
+        assert last < first
+    assert np.mean([r["w_0"] for r in rows[-3:]]) < 0.5 * rows[0]["w_0"]
+    assert np.mean([r["w_1"] for r in rows[-3:]]) < 0.5 * rows[0]["w_1"]
+
+
+def test_no_gradient_into_text_side_or_frozen_weights(setup, tiny_ckpts):
+    lsm = M.LSM.from_trainable(setup["init"], verbose=False)
+    with torch.no_grad():  # LoRA B starts at 0: move it so LoRA A gets gradients too
+        for n, p in lsm.trainable_state().items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    obj = joint_train.Joint(lsm, "ot", layers=(0, 1), alpha=0.99).train()
+    text_states = []
+    real_text_forward = lsm.text_forward
+
+    def spy(*a, **kw):
+        hidden, mask = real_text_forward(*a, **kw)
+        text_states.extend(hidden.values())
+        return hidden, mask
+    lsm.text_forward = spy
+    batch = make_batch(tiny_ckpts["qwen2"]["whisper"], [2.0, 1.5])
+    out = obj(batch)
+    out["loss"].backward()
+    assert len(text_states) == 2 and all(not h.requires_grad and h.grad_fn is None for h in text_states)
+    for name, p in obj.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+    lora = [p.grad for n, p in obj.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in lora)
+    # with alpha = 0 and layer 0 only, the loss is W_0 between the projector output and frozen token embeddings:
+    # nothing of it reaches LoRA (it would through the text side, were that not detached, for deeper layers)
+    obj = joint_train.Joint(lsm, "ot", layers=(0,), alpha=0.0).train()
+    obj.zero_grad(set_to_none=True)
+    obj(batch)["loss"].backward()
+    assert all(p.grad is None or (p.grad == 0).all() for n, p in obj.named_parameters() if "lora_" in n)
+    assert lsm.proj.weight.grad.abs().sum() > 0
+
+
+def test_n_pair_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    s, t, tau = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), 0.1
+    expected = 0.0
+    for i in range(3):
+        sims = [float(s[i] @ t[j] / (s[i].norm() * t[j].norm())) / tau for j in range(3)]
+        expected += -(sims[i] - math.log(sum(math.exp(x) for x in sims))) / 3
+    assert joint_train.n_pair_loss(s, t, tau).item() == pytest.approx(expected, rel=1e-5)
+    x = torch.arange(12.0).view(2, 3, 2)
+    mean = joint_train.masked_mean(x, torch.tensor([[True, True, False], [True, False, False]]))
+    assert mean.tolist() == [[1.0, 2.0], [6.0, 7.0]]
+
+
+def test_ctc_uses_real_windows_and_transcript_ids(setup, tiny_ckpts, monkeypatch):
+    lsm = M.LSM.from_trainable(setup["init"], verbose=False)
+    obj = joint_train.Joint(lsm, "ctc", alpha=0.5)
+    seen = {}
+
+    def fake_ctc(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity):
+        seen.update(shape=tuple(log_probs.shape), targets=targets.tolist(), inputs=input_lengths.tolist(),
+                    lengths=target_lengths.tolist(), blank=blank)
+        return log_probs.sum() * 0
+    monkeypatch.setattr(joint_train.F, "ctc_loss", fake_ctc)
+    batch = make_batch(tiny_ckpts["qwen2"]["whisper"], [2.0, 1.5], transcripts=["hello world", "a dog"])
+    obj(batch)
+    ids = [lsm.tokenizer(t, add_special_tokens=False).input_ids for t in ["hello world", "a dog"]]
+    assert seen["targets"] == ids[0] + ids[1] and seen["lengths"] == [len(ids[0]), len(ids[1])]
+    assert seen["inputs"] == [6, 5]  # 32000 / 5440 -> 6 real windows, 24000 / 5440 -> 5
+    assert seen["blank"] == obj.vocab and seen["shape"] == (88, 2, obj.vocab + 1)
+
+
+def test_layers_from_and_flag_errors(setup, tmp_path, capsys):
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps({"mrr": {"0": 0.4, "1": 0.01, "2": 0.2, "3": 0.0}, "selected": [0, 2]}))
+    out = tmp_path / "run"
+    run(setup, out, "--train", setup["fixed"], "--layers-from", str(layers), "--max-steps", "1", "--warmup-steps", "1")
+    assert json.load(open(out / "args.json"))["layers"] == [0, 2]
+    assert {"w_0", "w_2"} <= set(metrics(out)[0]) and "w_1" not in metrics(out)[0]
+    with pytest.raises(SystemExit):
+        run(setup, tmp_path / "x", "--train", setup["fixed"], "--layers", "0", "--layers-from", str(layers))
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(setup, tmp_path / "y", "--train", setup["fixed"])
+    assert "--align ot needs --layers" in capsys.readouterr().err
+    layers.write_text(json.dumps({"selected": []}))
+    with pytest.raises(ValueError, match="no layer passed the threshold"):
+        run(setup, tmp_path / "z", "--train", setup["fixed"], "--layers-from", str(layers))
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
+        run(setup, tmp_path / "w", "--train", setup["fixed"], "--layers", "0", "7")
+
+
+def test_help_shows_paper_defaults(capsys):
+    with pytest.raises(SystemExit):
+        joint_train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in ("--alpha ALPHA CE weight; the alignment weight is 1 - alpha (eq. 6) (default: 0.99)",
+              "--warmup-steps WARMUP_STEPS linear warm-up steps (default: 3000)",
+              "--eval-every EVAL_EVERY validate every N steps (default: 3000)", "(default: 4)",
+              "--align {ot,ctc,cl,none}", "(default: ot)", "--lr LR peak learning rate (default: 3e-05)",
+              "--batch-size BATCH_SIZE GLOBAL batch", "--lora-r LORA_R (default: 8)", "--ot-eps", "--ot-iters"):
+        assert s in text, s

@@ -1,0 +1,104 @@
+"""select_layers.py (stage 2): ranks and MRR against brute force, a planted case where only some layers keep the
+speech-text pairing, and the script end to end on the tiny checkpoints."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import model as M
+import select_layers as S
+from conftest import TINY_QFORMER
+from test_train import ST_ROWS, one_thread, write_manifest  # noqa: F401 (fixture)
+
+
+def brute_force_mrr(D):
+    """Sort each row (ties: the true text goes after the wrong ones) and find the true text's position."""
+    total = 0.0
+    for i in range(len(D)):
+        order = sorted(range(len(D)), key=lambda j: (float(D[i, j]), j == i))
+        total += 1.0 / (order.index(i) + 1)
+    return total / len(D)
+
+
+def test_mrr_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 30):
+        D = torch.rand(n, n, generator=g)
+        assert S.mean_reciprocal_rank(D) == pytest.approx(brute_force_mrr(D), rel=1e-12)
+    D = torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.2, 0.9], [0.0, 0.0, 0.4]])  # by hand: ranks 1, 2 (tie), 3
+    assert S.ranks(D).tolist() == [1, 2, 3]
+    assert S.mean_reciprocal_rank(D) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3) == brute_force_mrr(D)
+    assert S.mean_reciprocal_rank(torch.ones(4, 4)) == 0.25  # all tied: the true text is ranked last
+    assert S.select({0: 0.9, 1: 0.05, 2: 0.051, 3: 0.0}, 0.05) == [0, 2]  # strictly above (eq. 5)
+
+
+def test_planted_layers_are_exactly_the_selected_ones():
+    """Layers 0, 1 and 3: text j = speech j moved a little (pairing kept); layers 2 and 4: texts of other
+    pairs (pairing destroyed). 40 pairs of 3-6 speech and 2-5 text vectors in 8 dimensions."""
+    g = torch.Generator().manual_seed(0)
+    N, d, kept = 40, 8, {0, 1, 3}
+    base = [torch.randn(3 + i % 4, d, generator=g) * 3 for i in range(N)]
+    speech, text = {}, {}
+    for l in range(5):
+        speech[l] = [b + 0.1 * torch.randn(b.shape, generator=g) for b in base]
+        source = base if l in kept else [base[(i * 7 + 3) % N] for i in range(N)]
+        text[l] = [s[:2 + i % 4] + 0.1 * torch.randn(s[:2 + i % 4].shape, generator=g) for i, s in enumerate(source)]
+    mrr = S.layer_mrrs(speech, text, rows=16)
+    print({l: round(v, 3) for l, v in mrr.items()})
+    assert all(mrr[l] > 0.9 for l in kept) and all(mrr[l] < 0.2 for l in {2, 4})
+    assert S.select(mrr, 0.5) == sorted(kept)
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_ckpts, tmp_path_factory):
+    d = tmp_path_factory.mktemp("select")
+    p = tiny_ckpts["qwen2"]
+    torch.manual_seed(0)
+    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
+    init = str(d / "last.safetensors")
+    lsm.save_trainable(init)
+    rows = ST_ROWS + [dict(id="c1", task="aac", text="a dog barks in the distance"),
+                      dict(id="a1", task="asr", text="she sells sea shells")]
+    return dict(init=init, manifest=write_manifest(d, "m", rows), n_layers=lsm.n_layers)
+
+
+def test_end_to_end(stage1, tmp_path, capsys):
+    res = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path),
+                  "--num-pairs", "4", "--threshold", "0.3", "--dtype", "float32", "--num-workers", "0",
+                  "--batch-size", "3", "--seed", "1"])
+    out = capsys.readouterr().out
+    saved = json.load(open(tmp_path / "layers.json"))
+    assert saved["selected"] == res["selected"] and saved["num_pairs"] == 4 and saved["threshold"] == 0.3
+    mrr = {int(l): v for l, v in saved["mrr"].items()}
+    assert sorted(mrr) == list(range(stage1["n_layers"] + 1))  # layer 0 (embeddings) .. L
+    assert all(1 / 4 <= v <= 1 for v in mrr.values())  # 4 pairs: reciprocal ranks in {1, 1/2, 1/3, 1/4}
+    assert saved["selected"] == [l for l in sorted(mrr) if mrr[l] > 0.3]
+    assert saved["args"]["num_pairs"] == 4
+    assert os.path.getsize(tmp_path / "mrr_per_layer.png") > 1000
+    assert "layer  MRR" in out and f"selected layers (MRR > 0.3): {saved['selected']}" in out
+    # same seed -> the same pairs and the same numbers; the AAC entry (no transcript) is never sampled
+    again = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path / "b"),
+                    "--num-pairs", "4", "--threshold", "0.3", "--dtype", "float32", "--num-workers", "0",
+                    "--seed", "1"])
+    assert again["mrr"] == pytest.approx(saved["mrr"], rel=1e-9)
+
+
+def test_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert S.plot({0: 0.5, 1: 0.1}, 0.05, str(tmp_path / "x.png"), "t") is False
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
+
+
+def test_errors_and_help(stage1, tmp_path, capsys):
+    bad = tmp_path / "aac.jsonl"
+    bad.write_text(json.dumps(dict(id="c", audio="c.wav", task="aac", text="noise")) + "\n")
+    with pytest.raises(ValueError, match="need at least 2 entries with transcripts"):
+        S.main(["--init", stage1["init"], "--manifest", str(bad), "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        S.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in ("--num-pairs NUM_PAIRS random pairs N (all if the manifest has fewer) (default: 1000)",
+              "--threshold THRESHOLD select layers with MRR above this (eq. 5) (default: 0.05)", "--ot-eps"):
+        assert s in text, s
