@@ -446,8 +446,11 @@ def run(args):
     rank, world, device = init_distributed()
     try:
         lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
-        results = {mode: decode(lsm, entries, mode, args, rank, world) for mode in args.mode if mode != "none"}
         layers = sorted(set(args.alignment or []) | ({0} if args.tsne else set()))
+        if any(not 0 <= l <= lsm.n_layers for l in layers):  # say so now, not after hours of decoding
+            raise EvalError(f"--alignment {' '.join(map(str, args.alignment))}: the LLM has layers 0 (embeddings) "
+                            f".. {lsm.n_layers}")
+        results = {mode: decode(lsm, entries, mode, args, rank, world) for mode in args.mode if mode != "none"}
         reps = None
         if layers:
             pairs = random.Random(args.seed).sample(range(len(entries)), min(args.num_pairs, len(entries)))
