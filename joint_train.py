@@ -83,8 +83,9 @@ class Joint(train.Objective):
                                 self.tau)
             return dict(loss=self.alpha * ce + (1 - self.alpha) * align, cl=align.detach(), **logs)
         loss = self.alpha * ce
+        n = int(speech_mask.sum(1).max())  # real windows are a prefix: cut the all-padding tail (88 -> n) before OT
         for l in self.layers:
-            w = ot.wasserstein(out["hidden"][l], text[l].detach(), speech_mask, text_mask,
+            w = ot.wasserstein(out["hidden"][l][:, :n], text[l].detach(), speech_mask[:, :n], text_mask,
                                eps=self.ot_eps, n_iters=self.ot_iters).mean()
             loss = loss + (1 - self.alpha) / len(self.layers) * w
             logs[f"w_{l}"] = w.detach()
@@ -156,7 +157,7 @@ def main(argv=None):
     dev_entries = data.read_manifest(args.dev, skip_bad=args.skip_bad) if args.dev else None
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
-    lsm = M.LSM.from_trainable(args.init, **train.model_kwargs_from_args(args, p))
+    lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))
     objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature)
     from transformers import WhisperFeatureExtractor
     collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))

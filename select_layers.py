@@ -173,7 +173,7 @@ def main(argv=None):
     pairs = random.Random(args.seed).sample(entries, min(args.num_pairs, len(entries)))
 
     device = torch.device(args.device)
-    lsm = M.LSM.from_trainable(args.init, **train.model_kwargs_from_args(args, p)).to(device).eval()
+    lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args)).to(device).eval()
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
     collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))

@@ -9,7 +9,8 @@ function of (--seed, epoch) only (data.WeightedMixSampler: the weighted mixture 
 manifest = a shuffle). Step s of an epoch takes the items order[s*B : (s+1)*B] and cuts them into W*k
 micro-batches of b consecutive items; rank r runs micro-batches r*k .. r*k + k - 1. Hence
   * a step's gradient is the mean over its W*k micro-batch losses for any factorisation of B (DDP averages
-    over ranks, accumulation divides by k): 2 ranks x 1 micro-batch == 1 rank x 2 accumulated micro-batches.
+    over ranks, accumulation divides by k), up to the order of the float additions: 2 ranks x 1 micro-batch
+    give exactly the weights of 1 rank x 2 accumulated micro-batches (tests/test_train.py).
     (DistributedSampler's strided split would group different items into a micro-batch for different W.)
   * the data position is (epoch, step in epoch): --resume skips the consumed batches without reading them.
 Dropout: torch's RNG is reseeded before every micro-batch from (seed, step, micro-batch index in the global
@@ -28,8 +29,9 @@ on all ranks (gradients zeroed, no update; the step still counts: its data is co
 moves on) and counted ("bad_steps" in the metrics); --max-bad-steps in a row stop the run with an error,
 without writing a checkpoint, so the last good one stays intact.
 
-Output folder (--output-dir): args.json; metrics.jsonl (one JSON object per logged step, per validation, and
-an "end" record); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
+Output folder (--output-dir): args.json; metrics.jsonl (one JSON object per --log-every steps: "step" = steps
+done, means over those steps of the objective's values, "lr" of the last one, "grad_norm", "samples_per_s",
+"bad_steps"; one per validation with "split": "dev"; an "end" record); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
 scheduler, step, data position, per-rank RNG states, early-stopping state); last.safetensors (+ .json:
 LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation
 accuracy). Every file is written under a temporary name and renamed (os.replace): a kill never leaves a
@@ -135,13 +137,17 @@ def parse_manifests(specs):
     return out
 
 
-def model_kwargs_from_args(args, parser):
-    """Model flags the user changed from their defaults, as LSM constructor arguments (to override what a
-    checkpoint's .json says, e.g. --llm-dtype float32 or a moved --llm folder)."""
+def model_overrides(make_parser, argv, args):
+    """The model flags given on the command line (even if equal to their defaults), as LSM constructor arguments:
+    they override what a checkpoint's .json says (e.g. --llm-dtype float32, or a moved --llm folder)."""
+    p = make_parser()
+    for action in p._actions:  # parse again with no defaults: only the given flags land in the namespace
+        action.default = argparse.SUPPRESS
+    given = set(vars(p.parse_known_args(argv)[0]))
     names = ["whisper", "beats", "llm", "llm_dtype", "template", "speech_tokens", "second_per_window",
              "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn", "lora_r", "lora_alpha",
              "lora_dropout", "lora_targets"]
-    out = {n: getattr(args, n) for n in names if getattr(args, n) != parser.get_default(n)}
+    out = {n: getattr(args, n) for n in names if n in given}
     if args.no_beats:
         out["beats"] = None
     return out
@@ -170,7 +176,12 @@ class Objective(nn.Module):
         self.lsm.save_trainable(path)
 
     def enable_gradient_checkpointing(self):
-        self.lsm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute the LLM decoder layers in backward (non-reentrant: the dropout masks are replayed)."""
+        causal, kw = self.lsm.causal_lm, {"use_reentrant": False}
+        if hasattr(causal, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            causal.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop

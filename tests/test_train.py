@@ -239,6 +239,35 @@ def test_too_many_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def test_micro_batch_without_readable_audio_is_replaced_with_weight_zero(tmp_path):
+    """--skip-bad: the Collator returns None when every clip of a micro-batch failed. That micro-batch is replaced by
+    the previous one with weight 0 (every rank keeps running the same collectives): the step's gradient is the
+    other micro-batch's alone, at its usual weight 1/k."""
+    args = toy_args(tmp_path, "--per-device-batch-size", "2", "--max-steps", "2", "--lr", "0.1", "--warmup-steps", "0")
+    order = train.epoch_order([16], [1.0], 16, args.seed, 0)
+    bad = set(order[6:8])  # step 1, second micro-batch
+    items = [dict(item, bad=i in bad) for i, item in enumerate(toy_data())]
+
+    def skip_bad(batch):
+        good = [x for x in batch if not x["bad"]]
+        return collate(good) if good else None
+
+    class Recorder(Toy):
+        def forward(self, batch):
+            self.log = getattr(self, "log", []) + [(batch, {k: v.clone() for k, v in self.state_dict().items()})]
+            return super().forward(batch)
+    toy = Recorder()
+    train.train(args, toy, items, skip_bad)
+    assert len(toy.log) == 4 and torch.equal(toy.log[3][0]["x"], toy.log[2][0]["x"])  # micro-batch 2 rerun
+    ref = Toy()  # step 1 by hand: micro-batch 2 alone, weight 1/2; the gradients of the last step stay in .grad
+    ref.load_state_dict(toy.log[2][1])
+    (ref(toy.log[2][0])["loss"] / 2).backward()
+    for (n, p), q in zip(toy.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0), n
+    assert math.isfinite(metrics(tmp_path)[1]["loss"])
+
+
 def test_early_stopping_keeps_the_best(tmp_path):
     toy = Toy(accs=[0.1, 0.3, 0.2, 0.3, 0.25, 0.9])
     end = train.train(toy_args(tmp_path, "--eval-every", "1", "--patience", "3", "--max-steps", "20"), toy,
@@ -354,6 +383,20 @@ def test_kill_and_resume_equals_uninterrupted(tiny_ckpts, manifests, tmp_path):
     ra, rb = metrics(tmp_path / "a"), metrics(b)  # the killed run's step-3 row was replaced, not duplicated
     assert [r.get("step") for r in ra] == [r.get("step") for r in rb]
     assert [r.get("loss") for r in ra] == [r.get("loss") for r in rb]
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_ckpts, manifests, tmp_path):
+    """--gradient-checkpointing recomputes the LLM layers in backward (dropout masks replayed): same weights."""
+    common = ["--train", manifests["st"], "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--lr", "1e-3",
+              *tiny_flags(tiny_ckpts["qwen2"]), *RUN_FLAGS]
+    pretrain.main(common + ["--output-dir", str(tmp_path / "a")])
+    pretrain.main(common + ["--output-dir", str(tmp_path / "b"), "--gradient-checkpointing"])
+    wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert max((wa[n] - wb[n]).abs().max().item() for n in wa) < 1e-6
+    assert json.load(open(tmp_path / "b" / "args.json"))["gradient_checkpointing"] is True
+    lsm = M.LSM.from_trainable(str(tmp_path / "b" / "last.safetensors"), verbose=False)
+    train.Objective(lsm).enable_gradient_checkpointing()
+    assert all(layer.gradient_checkpointing for layer in lsm.decoder.layers)  # it is really on
 
 
 def test_torchrun_two_processes_match_one(tiny_ckpts, manifests, tmp_path):
