@@ -1,0 +1,205 @@
+"""Benchmark ot.py against GeomLoss and POT on the shapes AI-STA uses.
+
+    python benchmarks/bench_ot.py              # full tables (a few minutes on 2 CPU cores)
+    python benchmarks/bench_ot.py --quick      # smaller batches, for a smoke run
+
+Every contender gets the same inputs in one process; the table gives the time of one forward (+ backward
+where the contender offers gradients), the mean relative error of the value against POT's exact `ot.emd2`
+(float64), and peak memory. Peak memory on CPU is the growth of the peak resident set of a fresh
+subprocess that runs only that contender (on CUDA: torch.cuda.max_memory_allocated in process).
+
+Name clash: run as a script, this folder is first on sys.path, so `import ot` is POT; the project's ot.py
+is loaded by path as `aista_ot`.
+"""
+import argparse
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("aista_ot", ROOT / "ot.py")
+aista_ot = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(aista_ot)
+
+
+def hidden_states(B, n, m, d, seed):
+    """Speech-window and text-token states with a shared offset and partly matching content, as after
+    stage 1: the text side is a noisy, shorter re-ordering-free subsample of the speech side."""
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randn(1, 1, d, generator=g) * 2.0
+    x = offset + torch.randn(B, n, d, generator=g)
+    idx = torch.sort(torch.randint(0, n, (B, m), generator=g), dim=1).values
+    y = torch.gather(x, 1, idx[..., None].expand(B, m, d)) + 0.5 * torch.randn(B, m, d, generator=g)
+    return x, y
+
+
+def exact_w(x, y):
+    import ot as pot
+    out = []
+    for xb, yb in zip(x.double().numpy(), y.double().numpy()):
+        M = pot.dist(xb, yb)
+        out.append(pot.emd2(np.full(len(xb), 1 / len(xb)), np.full(len(yb), 1 / len(yb)), M, numItermax=10_000_000))
+    return np.array(out)
+
+
+# ---------------------------------------------------------------- contenders: (x, y) -> values (B,)
+def ours(dtype, n_iters=aista_ot.N_ITERS):
+    def run(x, y):
+        xg = x.detach().to(dtype, copy=True).requires_grad_(True)
+        v = aista_ot.wasserstein(xg, y.to(dtype), n_iters=n_iters)
+        v.sum().backward()
+        return v.detach().double()
+    return run
+
+
+def geomloss(blur, scaling):
+    from geomloss import SamplesLoss
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, backend="tensorized")
+
+    def run(x, y):
+        xg = x.clone().requires_grad_(True)
+        v = 2.0 * loss(xg, y)          # GeomLoss's cost is |x - y|^2 / 2
+        v.sum().backward()
+        return v.detach().double()
+    return run
+
+
+def pot_reg(x, y):
+    """The absolute epsilon ours uses for each problem, so POT solves the same entropic problems."""
+    cost = aista_ot.cost_matrix(x.double(), y.double())
+    valid = torch.ones_like(cost, dtype=torch.bool)
+    return (aista_ot.EPS * aista_ot._scale(cost, valid)[0]).numpy(), cost
+
+
+def pot_solve_batch(x, y):
+    import ot as pot
+    reg, cost = pot_reg(x, y)
+    # one reg for the batch (solve_batch takes a scalar): the median of the per-problem values
+    res = pot.solve_batch(cost.float(), reg=float(np.median(reg)), max_iter=aista_ot.N_ITERS, tol=1e-5,
+                          method="log_sinkhorn")
+    return torch.as_tensor(res.value_linear).double()
+
+
+def pot_loop(x, y):
+    import ot as pot
+    reg, cost = pot_reg(x, y)
+    out = []
+    for c, r in zip(cost.float().numpy(), reg):
+        a, b = np.full(c.shape[0], 1 / c.shape[0], dtype=np.float32), np.full(c.shape[1], 1 / c.shape[1], dtype=np.float32)
+        plan = pot.sinkhorn(a, b, c, reg=float(r), method="sinkhorn_log")
+        out.append(float((plan * c).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ours_pairwise(dtype):
+    def run(x, y):
+        return aista_ot.pairwise_wasserstein(x.to(dtype), y.to(dtype), chunk_size=4096).double()
+    return run
+
+
+# ---------------------------------------------------------------- measurement
+def timed(fn, *args, repeat=3):
+    fn(*args)  # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def peak_memory_mb(case, contender, quick):
+    """Peak RSS growth (MB) of a subprocess that builds the inputs, then runs one contender once."""
+    if torch.cuda.is_available():
+        return float("nan")
+    cmd = [sys.executable, __file__, "--memory-probe", case, contender] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def contenders(case):
+    if case.startswith("retrieval"):
+        return {"ours fp32": ours_pairwise(torch.float32), "ours bf16": ours_pairwise(torch.bfloat16)}
+    return {"ours fp32": ours(torch.float32), "ours bf16": ours(torch.bfloat16),
+            "POT solve_batch": pot_solve_batch, "POT sinkhorn_log loop": pot_loop,
+            **{f"GeomLoss blur={b} scaling={s}": geomloss(b, s) for b, s in GEOMLOSS_GRID}}
+
+
+GEOMLOSS_GRID = [(0.5, 0.5), (0.2, 0.5), (0.2, 0.7), (0.1, 0.7), (0.1, 0.9)]
+
+
+def cases(quick):
+    B = 8 if quick else 32
+    N = 40 if quick else 200
+    return {"loss d=896": (B, 88, 40, 896), "loss d=3584": (B, 88, 40, 3584), "retrieval d=896": (N, 30, 20, 896)}
+
+
+def inputs(case, quick):
+    B, n, m, d = cases(quick)[case]
+    if case.startswith("retrieval"):
+        x, _ = hidden_states(B, n, m, d, seed=1)
+        _, y = hidden_states(B, n, m, d, seed=1)
+        return x, y
+    return hidden_states(B, n, m, d, seed=0)
+
+
+def memory_probe(case, contender, quick):
+    x, y = inputs(case, quick)
+    fn = {**contenders(case), "ours fp32 n_iters=50": ours(torch.float32, 50),
+          "ours fp32 n_iters=500": ours(torch.float32, 500)}[contender]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(x, y)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller batches")
+    p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args()
+    if args.memory_probe:
+        return memory_probe(*args.memory_probe, args.quick)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ot.py defaults eps={aista_ot.EPS} "
+          f"n_iters={aista_ot.N_ITERS}")
+    results = {}
+    for case in cases(args.quick):
+        x, y = inputs(case, args.quick)
+        if case.startswith("retrieval"):   # exact distances of a 20 x 20 corner, the all-pairs block timed whole
+            xs, ys = x[:20], y[:20]
+            truth = np.array([exact_w(xs[i:i + 1].expand(20, -1, -1), ys) for i in range(20)])
+        else:
+            truth = exact_w(x, y)
+        rows = []
+        for name, fn in contenders(case).items():
+            seconds, values = timed(fn, x, y, repeat=1 if "loop" in name or case.startswith("retrieval") else 3)
+            if case.startswith("retrieval"):
+                values = values[:20, :20].numpy()
+            values = values.numpy() if torch.is_tensor(values) else values
+            err = float(np.mean(np.abs(values / truth - 1)))
+            rows.append({"contender": name, "seconds": seconds, "error": err,
+                         "peak_mb": peak_memory_mb(case, name, args.quick)})
+        ref = rows[0]["seconds"]
+        print(f"\n{case}: x {tuple(x.shape)}, y {tuple(y.shape)}")
+        print(f"| contender | time (s) | time / ours fp32 | mean rel. error vs emd2 | peak MB |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['contender']} | {r['seconds']:.4f} | {r['seconds'] / ref:.2f} | {r['error']:.4f} | {r['peak_mb']:.0f} |")
+        results[case] = rows
+    case = "loss d=896"
+    mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
+    print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: {mem[500]:.0f} MB")
+    results["memory_vs_iters"] = mem
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
