@@ -5,8 +5,8 @@
 
 Every contender gets the same inputs in one process; the table gives the time of one forward (+ backward
 where the contender offers gradients), the mean relative error of the value against POT's exact `ot.emd2`
-(float64), and peak memory. Peak memory on CPU is the growth of the resident set of a fresh
-subprocess that runs only that contender (on CUDA: torch.cuda.max_memory_allocated in process).
+(float64), and peak memory: the growth of the resident set of a fresh subprocess that runs only that
+contender (Linux). Everything runs on the CPU; set OMP_NUM_THREADS to pin the thread count.
 
 Name clash: run as a script, this folder is first on sys.path, so `import ot` is POT; the project's ot.py
 is loaded by path as `aista_ot`.
@@ -118,8 +118,6 @@ def timed(fn, *args, repeat=3):
 
 def peak_memory_mb(case, contender, quick):
     """Peak RSS growth (MB) of a subprocess that builds the inputs, then runs one contender once."""
-    if torch.cuda.is_available():
-        return float("nan")
     cmd = [sys.executable, __file__, "--memory-probe", case, contender] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
