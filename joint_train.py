@@ -137,7 +137,7 @@ def parser():
     p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
     p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
     p.add_argument("--cl-temperature", type=float, default=0.1, help="temperature tau of --align cl")
-    M.add_model_args(p)
+    train.note_init_overrides(M.add_model_args(p))
     train.add_train_args(p, warmup_steps=3000, max_steps=80000, validation=True)
     return p
 

@@ -157,7 +157,7 @@ def parser():
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip broken manifest lines and unreadable audio")
     p.add_argument("--instructions", default=None, help="JSON file of alternative instructions (data.Instructions)")
-    M.add_model_args(p)
+    train.note_init_overrides(M.add_model_args(p))
     return p
 
 

@@ -137,6 +137,15 @@ def parse_manifests(specs):
     return out
 
 
+def note_init_overrides(parser):
+    """Say in --help that with --init the model flags come from the checkpoint unless given."""
+    for group in parser._action_groups:
+        if group.title == "model":
+            group.description = ("the model is rebuilt from --init's .json; a model flag given on the command line "
+                                 "overrides it (the defaults below apply only to a fresh model)")
+    return parser
+
+
 def model_overrides(make_parser, argv, args):
     """The model flags given on the command line (even if equal to their defaults), as LSM constructor arguments:
     they override what a checkpoint's .json says (e.g. --llm-dtype float32, or a moved --llm folder)."""

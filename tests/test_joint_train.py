@@ -222,6 +222,10 @@ def test_torchrun_two_processes_with_accumulation_and_validation(setup, tmp_path
     for a, b in zip(dev1, dev2):
         assert a["n_tokens"] == b["n_tokens"] and a["acc"] == b["acc"] and a["loss"] == pytest.approx(b["loss"], 1e-5)
     rows1, rows2 = [r for r in metrics(one) if "lr" in r], [r for r in metrics(two) if "lr" in r]
-    for a, b in zip(rows1, rows2):  # steps 1-2 start from equal weights; at step 3 W (about 17) moves by ~1e-3
-        for key in ("loss", "ce", "w_0", "w_1"):  # with the 5e-6 weight difference: |x - y| ~ 4 times the change
-            assert a[key] == pytest.approx(b[key], rel=1e-6 if a["step"] < 3 else 2e-4), (a["step"], key)
+    # steps 1-2 start from equal weights. At step 3 the weights differ by ~5e-6 and W (about 17) by up to 4e-4
+    # relative: in float32, ot.wasserstein's value moves by ~1e-4 relative for any 1e-6 change of its inputs
+    # (cost rounding divided by eps = 1e-3 x std(C); float64: 2e-7), so W gets a looser tolerance there.
+    for a, b in zip(rows1, rows2):
+        for key in ("loss", "ce", "w_0", "w_1"):
+            tol = 1e-6 if a["step"] < 3 else (1e-3 if key.startswith("w_") else 5e-5)
+            assert a[key] == pytest.approx(b[key], rel=tol), (a["step"], key)
