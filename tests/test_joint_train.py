@@ -80,6 +80,24 @@ def test_w_falls_with_align_ot(setup, tmp_path):
     assert np.mean([r["w_1"] for r in rows[-3:]]) < 0.5 * rows[0]["w_1"]
 
 
+def test_eq6_by_hand(setup, tiny_ckpts):
+    """Joint's loss = alpha CE + (1 - alpha)/|I| sum_l W_l, W_l = batch mean of ot.wasserstein on the real speech
+    windows vs the transcript states, computed here layer by layer (Joint batches the layers in one call)."""
+    import ot
+    lsm = M.LSM.from_trainable(setup["init"], verbose=False).eval()  # eval: no dropout, so both passes agree
+    batch = make_batch(tiny_ckpts["qwen2"]["whisper"], [2.0, 1.0, 1.5])
+    obj = joint_train.Joint(lsm, "ot", layers=(0, 2, 3), alpha=0.9).eval()
+    with torch.no_grad():
+        got = obj(batch)
+        out = lsm.speech_forward(batch, (0, 2, 3))
+        text, tmask = lsm.text_forward(batch["transcripts"], batch["instructions"], (0, 2, 3))
+    assert out["speech_mask"].sum(1).tolist() == [6, 3, 5]
+    w = {l: ot.wasserstein(out["hidden"][l], text[l], out["speech_mask"], tmask).mean().item() for l in (0, 2, 3)}
+    for l in (0, 2, 3):
+        assert got[f"w_{l}"].item() == pytest.approx(w[l], rel=1e-4), l  # float32 value noise, see the torchrun test
+    assert got["loss"].item() == pytest.approx(0.9 * got["ce"].item() + 0.1 / 3 * sum(w.values()), rel=1e-5)
+
+
 def test_no_gradient_into_text_side_or_frozen_weights(setup, tiny_ckpts):
     lsm = M.LSM.from_trainable(setup["init"], verbose=False)
     with torch.no_grad():  # LoRA B starts at 0: move it so LoRA A gets gradients too
