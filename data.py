@@ -325,7 +325,7 @@ class SpeechDataset(Dataset):
 
 
 class Collator:
-    """list of items -> the batch dict of CONTRACT.md:
+    """list of items -> the batch dict that model.LSM takes:
     ids, mel (B, n_mels, 3000) Whisper log-mel of the 30 s padded clip, wav (B, T) zero-padded to the
     longest, wav_lens (B,) real samples, instructions, targets, transcripts, tasks, tgt_langs.
     None items (bad audio under skip_bad) are dropped; a batch with no item left collates to None (the

@@ -15,7 +15,7 @@ Convert corpora you have already downloaded into AI-STA manifests. Nothing is do
 Paper section 5.1: stage 1 uses LibriSpeech 960 h + GigaSpeech M (ASR), WavCaps without clips over 180 s,
 AudioCaps and Clotho (audio captioning); stage 3 uses CoVoST 2 En->Zh and En->Ja (speech translation).
 
-Manifest format (CONTRACT.md): JSON lines, one utterance per line, always these six keys in this order
+Manifest format (README, "Manifests"): JSON lines, one utterance per line, always these six keys in this order
     {"id", "audio", "task": "asr"|"aac"|"st", "text", "translation", "tgt_lang"}
 `text` is the transcript (asr, st) or the caption (aac); `translation` and `tgt_lang` are null except for st.
 Text is written as UTF-8 (not \u-escaped). Ids are unique inside a manifest and, by construction, across

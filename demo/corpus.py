@@ -749,7 +749,7 @@ def plan(args, backend="lib"):
 
 
 def manifests(utts, retrieval_split, seed):
-    """{file name: entries} in the CONTRACT.md format (id, audio, task, text[, translation, tgt_lang])."""
+    """{file name: entries} in the manifest format of the README (id, audio, task, text[, translation, tgt_lang])."""
     def asr(u):
         return {"id": u["id"], "audio": u["audio"], "task": "asr", "text": u["text"]}
 

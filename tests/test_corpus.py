@@ -1,5 +1,5 @@
 """Tests for demo/corpus.py: grammar (hand-checked translations), splits, manifests in the
-CONTRACT.md format, audio files, determinism across worker counts, resume, and captions that
+manifest format (README, "Manifests"), audio files, determinism across worker counts, resume, and captions that
 match their sounds. Builds two tiny corpora (60/10/10 utterances, 20+5 sounds): ~10 s."""
 import json
 import os
