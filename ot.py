@@ -120,10 +120,14 @@ def cost_matrix(x, y, x_mask=None, y_mask=None):
     |x|^2 + |y|^2 - 2 x.y and clamped at 0 (module docstring, "Precision"). Entries that involve padding
     are meaningless; the solver gives them no mass.
     """
-    x_mask, y_mask = _full_masks(x, y, x_mask, y_mask)
+    return _centred_cost(x, y, *_full_masks(x, y, x_mask, y_mask))[2]
+
+
+def _centred_cost(x, y, x_mask, y_mask):
+    """(centred x, centred y, C) for full masks; see cost_matrix."""
     x, y = _centre(x, y, x_mask, y_mask, dims=(1,))
     cost = (x * x).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(1) - 2.0 * x @ y.transpose(1, 2)
-    return cost.clamp(min=0.0)
+    return x, y, cost.clamp(min=0.0)
 
 
 def _scale(cost, valid):
@@ -226,9 +230,7 @@ class _Transport(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, x_mask, y_mask, eps, n_iters, entropic):
-        xc, yc = _centre(x.detach(), y.detach(), x_mask, y_mask, dims=(1,))
-        cost = ((xc * xc).sum(-1, keepdim=True) + (yc * yc).sum(-1).unsqueeze(1)
-                - 2.0 * xc @ yc.transpose(1, 2)).clamp(min=0.0)
+        xc, yc, cost = _centred_cost(x.detach(), y.detach(), x_mask, y_mask)
         p_row, p_col, primal, dual = _plans_and_values(cost, x_mask, y_mask, eps, n_iters)
         ctx.save_for_backward(xc, yc, p_row, p_col)
         ctx.dtypes = (x.dtype, y.dtype)
