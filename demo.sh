@@ -57,13 +57,13 @@ done_already() {  # done_already FILE: skip a stage whose output exists
 
 # ---------------------------------------------------------------------------------------------- sizes
 if [[ $QUICK == 1 ]]; then
-    N_TRAIN=300 N_DEV=40 N_TEST=40 N_AAC=40 N_AAC_DEV=10
-    BB_FLAGS=(--lm-steps 150 --ctc-steps 150 --eval-utts 20)
-    S1_STEPS=30 S1_WARMUP=5 S3_STEPS=20 S3_WARMUP=4 EVAL_EVERY=10 PATIENCE=2 PAIRS=40
+    N_TRAIN=300 N_DEV=24 N_TEST=24 N_AAC=40 N_AAC_DEV=8
+    BB_FLAGS=(--lm-steps 100 --ctc-steps 60 --eval-utts 16)
+    BATCH=8 S1_STEPS=30 S1_WARMUP=5 S3_STEPS=16 S3_WARMUP=4 EVAL_EVERY=8 PATIENCE=2 PAIRS=24 LOG_EVERY=4
 else
     N_TRAIN=3000 N_DEV=100 N_TEST=200 N_AAC=300 N_AAC_DEV=30
     BB_FLAGS=()
-    S1_STEPS=200 S1_WARMUP=20 S3_STEPS=150 S3_WARMUP=10 EVAL_EVERY=50 PATIENCE=3 PAIRS=200
+    BATCH=16 S1_STEPS=200 S1_WARMUP=20 S3_STEPS=150 S3_WARMUP=10 EVAL_EVERY=50 PATIENCE=3 PAIRS=200 LOG_EVERY=10
 fi
 
 # ---------------------------------------------------------------------------------------------- installs
@@ -124,13 +124,13 @@ BEATS=$BB/beats/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt
 # The model: the demo backbones, a float32 LLM, a small Q-Former, only the speech windows that cover real audio.
 MODEL=(--whisper "$BB/whisper" --beats "$BEATS" --llm "$BB/llm" --llm-dtype float32
        --speech-tokens real --qformer-layers 2 --qformer-hidden 128 --qformer-heads 4 --qformer-ffn 256)
-LOOP=(--dtype float32 --num-workers 1 --log-every 10 --save-every 100000 --seed 0)
+LOOP=(--dtype float32 --num-workers 1 --log-every $LOG_EVERY --save-every 100000 --seed 0)
 
 stage "stage 1: ASR + AAC pre-training"
 if ! done_already "$OUT/stage1/last.safetensors"; then
     run $PY pretrain.py --train "$C/asr_train.jsonl:1" "$C/aac_train.jsonl:0.1" "${MODEL[@]}" \
         --output-dir "$OUT/stage1" --lr 2e-3 --warmup-start-lr 1e-5 --min-lr 2e-4 --warmup-steps $S1_WARMUP \
-        --max-steps $S1_STEPS --batch-size 16 --weight-decay 0.05 "${LOOP[@]}"
+        --max-steps $S1_STEPS --batch-size $BATCH --weight-decay 0.05 "${LOOP[@]}"
 fi
 
 stage "stage 2: layer selection (MRR)"
@@ -145,7 +145,7 @@ echo "selected layers: ${LAYERS:-none}"
 
 S3=(--init "$OUT/stage1/last.safetensors" --train "$C/st_zh_train.jsonl" --dev "$C/st_zh_dev.jsonl"
     --lr 1e-3 --warmup-start-lr 1e-5 --min-lr 1e-4 --warmup-steps $S3_WARMUP --max-steps $S3_STEPS
-    --batch-size 16 --weight-decay 0.05 --eval-every $EVAL_EVERY --patience $PATIENCE "${LOOP[@]}")
+    --batch-size $BATCH --weight-decay 0.05 --eval-every $EVAL_EVERY --patience $PATIENCE "${LOOP[@]}")
 stage "stage 3: base (--align none)"
 if ! done_already "$OUT/stage3_base/best.safetensors"; then
     run $PY joint_train.py --align none "${S3[@]}" --output-dir "$OUT/stage3_base"

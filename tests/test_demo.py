@@ -1,0 +1,151 @@
+"""The CPU demo end to end, reduced (`QUICK=1 bash demo.sh`: a few hundred utterances, tens of steps): every
+stage runs from a fresh output folder and leaves outputs that are there and sane. One run (~3 min on 2 cores)
+serves all the tests of this file; the checks are on values, not on "it ran"."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run `QUICK=1 bash demo.sh` into a fresh OUT; -> (OUT, stdout). Fails with the log tail if it fails."""
+    out = tmp_path_factory.mktemp("demo_out")
+    env = dict(os.environ, QUICK="1", OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("CORPUS", None), env.pop("BACKBONES", None)  # build everything, as on a fresh clone
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"demo.sh failed ({proc.returncode}):\n{log[-6000:]}"
+    return str(out), proc.stdout
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finite_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_corpus_and_backbones(demo):
+    out, _ = demo
+    corpus = os.path.join(out, "corpus")
+    for name in ("asr_train", "aac_train", "retrieval_test", "st_zh_train", "st_zh_dev", "st_zh_test"):
+        rows = read_jsonl(os.path.join(corpus, f"{name}.jsonl"))
+        assert rows, name
+        assert all(os.path.exists(os.path.join(corpus, r["audio"])) for r in rows), name
+    test_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_test.jsonl"))}
+    train_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_train.jsonl"))}
+    assert not test_src & train_src  # no test sentence in train
+    bb = os.path.join(out, "backbones")
+    with open(os.path.join(bb, "backbones.json")) as f:
+        info = json.load(f)
+    assert os.path.exists(os.path.join(bb, "beats", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"))
+    for part in ("whisper", "llm"):
+        assert os.path.exists(os.path.join(bb, part, "config.json")), part
+        assert os.path.exists(os.path.join(bb, part, "model.safetensors")), part
+    assert info["llm"]["dev_loss_final"] < info["llm"]["dev_loss_init"]  # the LM learned something
+
+
+@pytest.mark.parametrize("run", ["stage1", "stage3_base", "stage3_aista"])
+def test_training_losses_finite(demo, run):
+    out, _ = demo
+    rows = read_jsonl(os.path.join(out, run, "metrics.jsonl"))
+    train_rows = [r for r in rows if "loss" in r and r.get("split") != "dev"]
+    assert len(train_rows) >= 2, rows
+    for r in train_rows:
+        assert finite_number(r["loss"]) and finite_number(r["ce"]), r  # non-finite values are logged as null
+        assert r["loss"] > 0
+    if run == "stage1":  # from a fresh connector the cross-entropy falls fast (stage 3's few steps are noise)
+        assert train_rows[-1]["ce"] < train_rows[0]["ce"] - 0.5, train_rows
+    assert os.path.exists(os.path.join(out, run, "last.safetensors"))
+    if run.startswith("stage3"):
+        dev = [r for r in rows if r.get("split") == "dev"]
+        assert dev and all(finite_number(r["loss"]) and 0 <= r["acc"] <= 1 for r in dev), dev
+        assert os.path.exists(os.path.join(out, run, "best.safetensors"))
+    if run == "stage3_aista":  # eq. 6: a Wasserstein term per selected layer, finite and non-negative
+        with open(os.path.join(out, "stage2", "layers.json")) as f:
+            selected = json.load(f)["selected"] or [0]
+        for r in train_rows:
+            for l in selected:
+                assert finite_number(r[f"w_{l}"]) and r[f"w_{l}"] >= 0, r
+                assert r["loss"] > 0.99 * r["ce"]
+    if run == "stage3_base":
+        assert not any(k.startswith("w_") for r in train_rows for k in r)
+
+
+def test_stage2_layers(demo):
+    out, _ = demo
+    with open(os.path.join(out, "stage2", "layers.json")) as f:
+        d = json.load(f)
+    mrr = {int(l): v for l, v in d["mrr"].items()}
+    with open(os.path.join(out, "backbones", "llm", "config.json")) as f:
+        n_layers = json.load(f)["num_hidden_layers"]
+    assert sorted(mrr) == list(range(n_layers + 1))  # layer 0 (embeddings) .. L
+    n = d["num_pairs"]
+    for l, v in mrr.items():
+        assert finite_number(v) and 1 / n <= v <= 1, (l, v)  # a rank is at most N
+    assert d["selected"] == [l for l in sorted(mrr) if mrr[l] > d["threshold"]]
+
+
+@pytest.mark.parametrize("run", ["eval_base", "eval_aista"])
+def test_evaluation_metrics(demo, run):
+    out, _ = demo
+    with open(os.path.join(out, run, "metrics.json")) as f:
+        m = json.load(f)
+    for mode in ("st", "mt"):
+        s = m["bleu"][mode]["zh"]
+        assert finite_number(s["score"]) and 0 <= s["score"] <= 100, s
+        assert "tok:zh" in s["signature"]
+        hyps = read_jsonl(os.path.join(out, run, f"hyps.{mode}.jsonl"))
+        assert len(hyps) == m["n"] == s["n"]
+        assert all(h["reference"] for h in hyps)
+    with open(os.path.join(out, "stage2", "layers.json")) as f:
+        selected = json.load(f)["selected"] or [0]
+    a = m["alignment"]
+    assert [int(l) for l in a["log_w"]] == selected
+    assert all(finite_number(v) for v in a["log_w"].values())
+    assert finite_number(a["mean"]) and finite_number(a["mismatched_mean"])
+
+
+def test_figures_are_pngs(demo):
+    out, _ = demo
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image
+    for name in ("fig4_mrr_per_layer.png", "fig5_tsne.png", os.path.join("stage2", "mrr_per_layer.png")):
+        path = os.path.join(out, name)
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE, name
+        img = matplotlib.image.imread(path)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, (name, img.shape)
+        assert img.std() > 0  # not a blank canvas
+
+
+def test_printed_commands_and_table(demo):
+    out, stdout = demo
+    for script in ("demo/corpus.py", "demo/backbones.py", "pretrain.py", "select_layers.py", "joint_train.py",
+                   "evaluate.py"):
+        assert re.search(rf"^\+ \S*python\S* {re.escape(script)}", stdout, re.M), f"{script} not shown"
+    assert "--align none" in stdout and "--align ot" in stdout
+    with open(os.path.join(out, "table.md")) as f:
+        table = f.read()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].split("|")[2].strip() == "ST zh" and "MT zh" in rows[0]
+    assert rows[1].startswith("| base") and rows[2].startswith("| AI-STA")
+    for row in rows[1:]:
+        st = row.split("|")[2].strip()
+        assert finite_number(float(st)), row
+    assert table in stdout
+    with open(os.path.join(out, "timing.txt")) as f:
+        timing = f.read()
+    assert re.search(r"total\s+\d+ s", timing)
