@@ -2,13 +2,47 @@
 
     python demo/backbones.py --corpus demo_out/corpus --out demo_out/backbones --seed 0
 
-writes (the stage scripts then take --whisper OUT/whisper --beats OUT/beats/<name> --llm OUT/llm)
-    OUT/llm/        Qwen2ForCausalLM + Qwen2 tokenizer (save_pretrained, safetensors, generation_config.json)
-    OUT/whisper/    WhisperModel + WhisperFeatureExtractor (80 mel bins, 1500 source positions: 30 s input)
-    OUT/beats/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt   BEATs in the official {cfg, model, label_dict} format
-    OUT/backbones.json   sizes, seconds, training losses, the LM's zero-shot MT BLEU, the encoder's CTC probe
+writes (the stage scripts then take --whisper OUT/whisper --beats OUT/beats/<name> --llm OUT/llm, as for the real ones)
+    OUT/llm/        Qwen2ForCausalLM + Qwen2 tokenizer (save_pretrained: safetensors, generation_config.json)
+    OUT/whisper/    WhisperModel + WhisperFeatureExtractor (80 mel bins, 1500 source positions: 3000-frame, 30 s input)
+    OUT/beats/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt   tiny BEATs in the official {cfg, model, label_dict} format
+    OUT/backbones.json   sizes, seconds, training losses, the LM's zero-shot MT BLEU, the encoder's CTC error
 
-TODO: decisions and numbers.
+What each one knows, and why (numbers from the default corpus, seed 0, on the dev split):
+
+Tokenizer: Qwen2's pipeline (NFC, Qwen2's split regex, byte-level BPE), merges learned on text.txt and the prompts;
+    1028 tokens. <|endoftext|> is EOS and pad, no BOS, <|im_start|> <|im_end|> <|audio_bos|> <|audio_eos|> special.
+
+LLM: Qwen2 (hidden 128, 4 layers, 4 query / 2 key-value heads, 1.05M parameters) pre-trained on the corpus' text side
+    as Qwen2-7B is before stage 1: sequences in the LSM's qwen2 template with the transcript where the speech goes,
+        <|audio_bos|>{english}<|audio_eos|>{instruction}{target}<|endoftext|>
+    for "Translate the speech into Chinese." / "... Japanese." / "Recognize the speech and give me the
+    transcription." (each piece tokenized on its own, as LSM.splice does), plus the text lines as plain LM (a
+    quarter of each batch). 400 AdamW steps of 64 sequences. Zero-shot text MT, greedy: BLEU 91.9 (zh, tokenize
+    zh) / 93.7 (ja, ja-mecab); transcript copy WER 3.8 %. LSM.generate(mode="mt", num_beams=1) decodes the same.
+
+Whisper encoder: d_model 96, 2 layers, 4 heads, FFN 384, briefly PRE-TRAINED, because a random one carries too
+    little that a connector can use:
+      - linear CTC probe of the frozen random encoder (1000 steps, --probe): dev WER 91 %, CER 78 %;
+      - the same encoder after word-level CTC on the 3000 ASR clips (1000 steps of 16, ~95 CPU-s): WER 25 %,
+        CER 24 % through the LSM's exact 30 s input (WhisperEncoder.forward on 3000 padded frames);
+      - downstream, an LSM (Whisper only, Q-Former hidden 128 / 4 heads / FFN 256, LoRA on this LM, float32)
+        trained on ASR + ST zh + ST ja of 2000 clips, 1500 steps of 8, AdamW 2e-3, --speech-tokens real, greedy on
+        100 dev clips: random encoder ST BLEU 4.7 (zh) / 5.8 (ja), ASR WER 98 % (nearly the same sentence for
+        every clip: nothing gets through); CTC encoder ST BLEU 44.5 / 47.1, ASR WER 32 %. (With SALMONN's 88
+        speech tokens and lr 1e-3 the CTC encoder was at 20.4 / 26.3 after the same steps, loss still falling.)
+    Word units beat characters at this budget (in a 400-step trial: dev WER 78 % with characters, 60 % with words).
+    Batches get 0-50 extra padding frames so the encoder learns to ignore padding, as it must behind the 30 s
+    input: the WER gap between clips padded to the batch and padded to 30 s is ~4 points.
+
+BEATs: random (beats.write_tiny_beats). It serves the non-speech captions of stage 1 (tones, chirps, noise, whose
+    spectra differ grossly); the speech content reaches the LLM through Whisper, so ST does not depend on it.
+
+Cost: the LM and the Whisper encoder train side by side in two processes, one thread each (--jobs 2): tiny
+    matrices, so two threads per part lose to thread synchronisation. On two cores: ~125 s from start to end
+    (Whisper part 110 CPU-s: mels 8, CTC 93, 30 s-input evaluation 9; LM part 84 CPU-s), plus ~10 s of imports.
+    Downstream, the frozen encoder's 30 s input costs ~0.05 CPU-s per clip (1500 frames of attention), BEATs ~0.002.
+Deterministic: the same --seed and --threads give byte-identical weights and tokenizer, whatever --jobs.
 """
 import argparse
 import json
@@ -27,11 +61,15 @@ import beats as beats_lib  # noqa: E402
 import data  # noqa: E402
 import tiny  # noqa: E402
 
-# The LSM's Qwen2 template (model.TEMPLATES["qwen2"]): speech tokens sit between these two strings.
-# Read from model.py so the LM learns exactly the layout the LSM feeds it.
-from model import TEMPLATES  # noqa: E402
 
-QWEN2 = TEMPLATES["qwen2"]
+def qwen2_template():
+    """The LSM's qwen2 template, dict(before=..., after=...{instruction}...): the speech goes between the two.
+    Read from model.TEMPLATES so the LM learns exactly the layout the LSM feeds it (imported on first use: model.py
+    pulls in peft, which `--help` and input checks need not wait for)."""
+    from model import TEMPLATES
+    return TEMPLATES["qwen2"]
+
+
 # Text tasks the LM learns, with the transcript where the speech goes: (name, instruction, target field).
 MT_TASKS = [("zh", data.instruction("st", "zh"), "zh"),
             ("ja", data.instruction("st", "ja"), "ja"),
@@ -91,8 +129,9 @@ def train_tokenizer(texts, vocab_size=1024):
 
 def prompt_texts():
     """The prompts the LSM wraps around the speech (qwen2 template, every default instruction)."""
-    return [QWEN2["before"] + QWEN2["after"].replace("{instruction}", data.instruction(t, l))
-            for t, l in [("asr", None), ("aac", None), ("st", "zh"), ("st", "ja")]]
+    t = qwen2_template()
+    return [t["before"] + t["after"].replace("{instruction}", data.instruction(task, lang))
+            for task, lang in [("asr", None), ("aac", None), ("st", "zh"), ("st", "ja")]]
 
 
 def tokenizer_texts(corpus):
@@ -108,7 +147,8 @@ def template_ids(tok, transcript, instruction, target=None):
     exactly as LSM.splice builds them (so the LM sees the token boundaries it will see behind the speech).
     -> (ids, n_prompt) where ids[n_prompt:] is the target and EOS."""
     ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
-    prompt = ids(QWEN2["before"]) + ids(transcript) + ids(QWEN2["after"].replace("{instruction}", instruction))
+    t = qwen2_template()
+    prompt = ids(t["before"]) + ids(transcript) + ids(t["after"].replace("{instruction}", instruction))
     return prompt + (ids(target) + [tok.eos_token_id] if target is not None else []), len(prompt)
 
 
@@ -127,8 +167,9 @@ def new_lm(tok, hidden=128, layers=4, heads=4, kv_heads=2, ffn=None, seed=0):
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(cfg)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG left alone
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(cfg)
 
 
 def pad_batch(seqs, pad_id):
@@ -314,7 +355,7 @@ def whisper_config(d_model=96, layers=2, heads=4, ffn=None):
 
 
 def load_mels(entries, fe, batch=64):
-    """Manifest entries -> list of (80, T_i) log-mels of the real frames only (T_i = samples // 160).
+    """Manifest entries -> list of (80, T_i) log-mels of the frames that see the clip (T_i = samples // 160 + 2).
 
     The LSM's Collator pads every clip to 30 s; Whisper's normalisation clamps the log-mel at (its max - 8), so
     the padding frames of a clip all equal mel_i.max() - 2 and the real frames do not depend on the padding.
@@ -354,7 +395,7 @@ def encode(enc, mel):
 class Units:
     """CTC output units: characters ("char") or words ("word") of the training transcripts; 0 is the blank."""
 
-    def __init__(self, texts, unit="char"):
+    def __init__(self, texts, unit="word"):
         if unit not in ("char", "word"):
             raise ValueError(f"--ctc-unit must be char or word, not {unit!r}")
         self.unit = unit
@@ -382,7 +423,8 @@ class Units:
 
 def train_ctc(enc, head, mels, texts, units, *, steps=1000, batch=16, lr=5e-3, warmup=40, extra=(0, 50),
               train_encoder=True, seed=0, log_every=100, tag="ctc"):
-    """Character CTC on the encoder's frames: log p(text | mel) summed over alignments of the 50 Hz frames.
+    """CTC on the encoder's 50 Hz frames: -log p(units | mel), summed over all alignments of the transcript's
+    units (Units: words or characters) to the frames, through a linear head; AdamW, warm-up + cosine.
     Each batch is padded with `extra` (a random number of) padding frames past its longest clip, so the encoder
     learns to ignore padding as it must in the LSM, where every clip is padded to 30 s. With
     train_encoder=False only the linear head learns (a probe of the frozen encoder). -> [(step, mean loss)]."""
@@ -453,9 +495,9 @@ def build_whisper(args):
                eval_utts=len(dev), seconds=dict(mels=round(t_mels, 1)))
 
     def fresh():
-        torch.manual_seed(args.seed)
-        model = WhisperModel(cfg)
-        return model, torch.nn.Linear(args.whisper_dim, len(units))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            return WhisperModel(cfg), torch.nn.Linear(args.whisper_dim, len(units))
 
     if args.probe:  # how much a linear CTC head reads from the frozen random encoder, same budget
         t1 = time.time()
@@ -502,7 +544,10 @@ def _run_part(name, args):
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    return PARTS[name](args)
+    cpu = time.process_time()
+    out = PARTS[name](args)
+    out["seconds"]["cpu"] = round(time.process_time() - cpu, 1)
+    return out
 
 
 def build(args):
