@@ -54,6 +54,23 @@ def test_corpus_and_backbones(demo):
         assert os.path.exists(os.path.join(bb, part, "config.json")), part
         assert os.path.exists(os.path.join(bb, part, "model.safetensors")), part
     assert info["llm"]["dev_loss_final"] < info["llm"]["dev_loss_init"]  # the LM learned something
+    # the demo's Whisper input: the backbone's weights with a short input that still holds the longest clip
+    short = os.path.join(out, "whisper_short")
+    with open(os.path.join(short, "config.json")) as f:
+        positions = json.load(f)["max_source_positions"]
+    with open(os.path.join(short, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    assert pre["n_samples"] == 320 * positions == 16000 * pre["chunk_length"] and pre["nb_max_frames"] == 2 * positions
+    import soundfile as sf
+    longest = max(sf.info(os.path.join(corpus, r["audio"])).duration
+                  for name in ("asr_train", "aac_train", "st_zh_test") for r in read_jsonl(os.path.join(corpus, f"{name}.jsonl")))
+    assert longest + 17 / 50 <= pre["chunk_length"] < 30
+    from safetensors import safe_open
+    with safe_open(os.path.join(short, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(bb, "whisper", "model.safetensors"), "pt") as g:
+        pos, full = f.get_tensor("encoder.embed_positions.weight"), g.get_tensor("encoder.embed_positions.weight")
+        assert pos.shape[0] == positions and (pos == full[:positions]).all()
+        assert (f.get_tensor("encoder.layers.0.fc1.weight") == g.get_tensor("encoder.layers.0.fc1.weight")).all()
 
 
 @pytest.mark.parametrize("run", ["stage1", "stage3_base", "stage3_aista"])
