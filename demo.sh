@@ -63,7 +63,7 @@ if [[ $QUICK == 1 ]]; then
 else
     N_TRAIN=3000 N_DEV=100 N_TEST=200 N_AAC=300 N_AAC_DEV=30
     BB_FLAGS=()
-    BATCH=16 S1_STEPS=300 S1_WARMUP=20 S3_STEPS=400 S3_WARMUP=10 EVAL_EVERY=100 PATIENCE=3 PAIRS=200 LOG_EVERY=10
+    BATCH=16 S1_STEPS=300 S1_WARMUP=20 S3_STEPS=350 S3_WARMUP=10 EVAL_EVERY=175 PATIENCE=3 PAIRS=200 LOG_EVERY=10
 fi
 
 # ---------------------------------------------------------------------------------------------- installs
