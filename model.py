@@ -103,6 +103,10 @@ TEMPLATE_BY_MODEL_TYPE = {"llama": "vicuna", "qwen2": "qwen2"}
 # ----------------------------------------------------------------------------- the model
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook on the deepest decoder layer text_forward needs: the layers above it do not run."""
+
+
 class LSM(nn.Module):
     """Large speech-text model. Build with `LSM.from_args(args)` or `LSM(whisper=..., llm=..., beats=...)`."""
 
@@ -346,34 +350,46 @@ class LSM(nn.Module):
         """The transcripts in place of the speech (same template and instruction, no target), in eval mode.
 
         Returns ({l: (B, m, d_llm)} states at the transcript positions, text_mask (B, m) True = token).
-        Runs only decoder layers 1 .. max(layers): the layer list is cut for the call, so HF's own rotary
-        embeddings, causal mask and padding handling apply unchanged."""
+        Runs only decoder layers 1 .. max(layers) (see _decoder_states)."""
         layers = tuple(layers)
         self._check_layers(layers)
         if not layers:
             raise ValueError("text_forward: give at least one layer")
         with self._eval_mode():
             inp = self.splice(self._embed_texts(transcripts), instructions)
-            deepest = max(layers)
-            states = (inp["embeds"],)
-            if deepest > 0:
-                with self._truncated_decoder(deepest):
-                    states = self._run_decoder(inp, hidden_states=True).hidden_states
+            states = {0: inp["embeds"]}
+            if max(layers) > 0:
+                states.update(self._decoder_states(inp, max(layers)))
             hidden = {l: self._gather(states[l], inp["pos"], inp["pos_mask"]) for l in layers}
         return hidden, inp["pos_mask"]
 
-    @contextlib.contextmanager
-    def _truncated_decoder(self, n):
-        """Temporarily keep decoder layers 1..n; below the last layer the final norm is skipped too, so
-        hidden_states[n] is the raw output of layer n, exactly as in a full forward."""
-        dec = self.decoder
-        layers, norm, n_cfg = dec.layers, dec.norm, dec.config.num_hidden_layers
-        if n < len(layers):
-            dec.layers, dec.norm, dec.config.num_hidden_layers = layers[:n], nn.Identity(), n
+    def _decoder_states(self, inp, n):
+        """{l: hidden state l (B, S, d)} for l = 1..n, running decoder layers 1..n only.
+
+        The model is left as it is (no layer list cut, no config change): forward hooks on layers 1..n record
+        their outputs, and for n < L the hook on layer n raises _StopForward, so the layers above it and the final
+        norm never run (hidden state n is then the raw output of layer n, as in a full forward). For n = L, state L
+        is the decoder's output after the final norm, as HF's hidden_states[L]. The decoder is called without
+        output_hidden_states, so transformers' own capture machinery (installed on the layers present at the first
+        call that asks for hidden states) is not involved, and no call order can change what a later forward
+        returns. HF's rotary embeddings, causal mask and padding handling apply unchanged."""
+        dec, L, states = self.decoder, self.n_layers, {}
+
+        def hook(l):
+            def record(module, args, output):
+                states[l] = output[0] if isinstance(output, (tuple, list)) else output
+                if l == n < L:
+                    raise _StopForward
+            return record
+        handles = [dec.layers[l - 1].register_forward_hook(hook(l)) for l in range(1, n + 1)]
         try:
-            yield
+            states[L] = self._run_decoder(inp, hidden_states=False).last_hidden_state
+        except _StopForward:
+            pass
         finally:
-            dec.layers, dec.norm, dec.config.num_hidden_layers = layers, norm, n_cfg
+            for h in handles:
+                h.remove()
+        return states
 
     @torch.no_grad()
     def generate_ids(self, batch, mode="st", num_beams=4, max_new_tokens=200):

@@ -259,6 +259,39 @@ def test_text_forward_stops_early_and_equals_full_forward(tiny_ckpts, batch5, fa
             torch.testing.assert_close(alone[l][0, :n], batched[l][i, :n], rtol=1e-5, atol=1e-5)
 
 
+def test_text_forward_first_does_not_cut_later_hidden_states(tiny_ckpts, batch5):
+    """transformers 5 installs its hidden-state capture hooks on the layers present at the first call that asks for
+    hidden states; a text forward that cut the layer list for that first call made every later full forward return
+    too few states (IndexError). A fresh model whose first call is text_forward(layers=[1]) must give the speech
+    forward of a fresh model that never ran a text forward, exactly (same weights, eval mode, same inputs), and the
+    text forward must still run only layer 1 (counting hooks)."""
+    a, b = build(tiny_ckpts), build(tiny_ckpts)
+    L, every = a.n_layers, list(range(a.n_layers + 1))
+    calls = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out, k=k: calls.append(k))
+             for k, layer in enumerate(a.decoder.layers, start=1)]
+    hooks.append(a.decoder.norm.register_forward_hook(lambda *args: calls.append("norm")))
+    with torch.no_grad():
+        text, _ = a.text_forward(batch5["transcripts"], batch5["instructions"], [1])
+        assert calls == [1]  # layers 2..L and the final norm were not run
+        calls.clear()
+        got = a.speech_forward(batch5, every)
+        assert calls == list(range(1, L + 1)) + ["norm"]
+        ref = b.speech_forward(batch5, every)
+    for h in hooks:
+        h.remove()
+    assert sorted(got["hidden"]) == every and len(got["hidden"]) == L + 1
+    for l in every:
+        torch.testing.assert_close(got["hidden"][l], ref["hidden"][l], rtol=0, atol=0)
+    assert got["loss"].item() == ref["loss"].item()
+    # and the text states of the first call are those of a full forward of the other model
+    with torch.no_grad():
+        inp = b.splice(b._embed_texts(batch5["transcripts"]), batch5["instructions"])
+        full = b._run_decoder(inp, hidden_states=True).hidden_states
+    assert len(full) == L + 1
+    torch.testing.assert_close(text[1], M.LSM._gather(full[1], inp["pos"], inp["pos_mask"]), rtol=0, atol=0)
+
+
 def test_batch_invariance_of_speech_side(tiny_ckpts):
     """A clip gives the same speech tokens and LLM states alone as in a padded batch (BEATs padding zeroed,
     right padding of the LLM input)."""
