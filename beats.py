@@ -10,8 +10,12 @@ state dict loads strictly. Shapes, for B clips of T samples at 16 kHz:
   -> LayerNorm -> Linear(512, 768) -> x + GELU(conv positional embedding) -> LayerNorm (post-LN models)
   -> 12 post-LN layers, deep-norm residual x (2 * 12)^(1/4), gated relative position bias -> (B,N,768)
 """
+import argparse
 import math
 import os
+import pickle
+import re
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -280,8 +284,15 @@ class BEATs(nn.Module):
         return torch.sigmoid(logits / (~pad).sum(1, keepdim=True))
 
 
-def load_beats(path):
-    """Official BEATs checkpoint -> frozen BEATs in eval mode (strict: every key present, no extra key)."""
+def load_beats(path, unsafe_load=False):
+    """Official BEATs checkpoint -> frozen BEATs in eval mode (strict: every key present, no extra key).
+
+    The file is read with torch.load(weights_only=True), which unpickles tensors and plain containers only. When it
+    refuses an object (an unknown class in `cfg` or `label_dict`), the error names what was refused; unsafe_load=True
+    (--beats-unsafe-load) then unpickles the whole file (weights_only=False), which runs code from it: only for a
+    file you trust. A cfg without "deep_norm" is built as the official BEATsConfig builds it (deep_norm False,
+    residual scale 1), with a warning: the cpt2 checkpoint has deep_norm True, and its weights without it give
+    features about 20% off."""
     path = os.fspath(path)
     hint = (f"expected {BEATS_CKPT_NAME}: Microsoft's BEATs iter3+ fine-tuned on AS2M (cpt2), the audio encoder of "
             "SALMONN. SALMONN's README links it as 'Fine-tuned BEATs_iter3+ (AS2M) (cpt2)' on the BEATs page of "
@@ -290,13 +301,26 @@ def load_beats(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"BEATs checkpoint not found: {path} ({hint})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe_load)
+    except pickle.UnpicklingError as e:
+        refused = [] if unsafe_load else _refused(path, e)
+        if not refused:
+            raise ValueError(f"{path}: cannot be read as a BEATs checkpoint ({type(e).__name__}: {e}); {hint}") from e
+        raise ValueError(f"{path}: the safe loader (torch.load weights_only=True) refused these objects: "
+                         f"{', '.join(refused)}. If you trust this file, pass --beats-unsafe-load "
+                         f"(LSM(beats_unsafe_load=True)) to unpickle it fully; that runs code from the file") from None
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a BEATs checkpoint ({type(e).__name__}: {e}); {hint}") from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("cfg"), (argparse.Namespace, SimpleNamespace)):
+        ckpt["cfg"] = vars(ckpt["cfg"])  # a namespace cfg (possible in a full unpickle) reads like the dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("cfg"), dict) or not isinstance(ckpt.get("model"), dict):
         found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a BEATs checkpoint (need a dict with 'cfg' and 'model' dicts, found {found}); "
                          + hint)
+    if "deep_norm" not in ckpt["cfg"]:
+        warnings.warn(f"{path}: its cfg has no 'deep_norm' key; built as the official code builds it (deep_norm=False, "
+                      f"residual scale 1). The cpt2 checkpoint has deep_norm=True: with its weights, a model without it "
+                      f"gives features about 20% off", stacklevel=2)
     model = BEATs(ckpt["cfg"])
     expected, got = set(model.state_dict()), set(ckpt["model"])
     missing, unexpected = sorted(expected - got), sorted(got - expected)
@@ -309,6 +333,15 @@ def load_beats(path):
         raise ValueError(f"{path}: {e}") from e
     model.label_dict = dict(ckpt.get("label_dict") or {})
     return model.requires_grad_(False).eval()
+
+
+def _refused(path, error):
+    """The globals torch's safe unpickler refuses in `path` (torch >= 2.5 lists them; else from its message)."""
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # older torch, or a file the scan cannot read
+        names = []
+    return names or re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
 
 
 def tiny_beats(seed=0, **cfg_overrides):

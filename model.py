@@ -113,7 +113,7 @@ class LSM(nn.Module):
     def __init__(self, whisper, llm, beats=None, *, lora_r=8, lora_alpha=32, lora_dropout=0.1,
                  lora_targets=("q_proj", "v_proj"), template="auto", speech_tokens="all", llm_dtype="bfloat16",
                  second_per_window=0.333333, qformer_layers=2, qformer_hidden=768, qformer_heads=12,
-                 qformer_ffn=3072, verbose=True):
+                 qformer_ffn=3072, beats_unsafe_load=False, verbose=True):
         super().__init__()
         if speech_tokens not in ("all", "real"):
             raise ValueError(f"--speech-tokens must be 'all' or 'real', got {speech_tokens!r}")
@@ -124,13 +124,13 @@ class LSM(nn.Module):
             whisper=whisper, llm=llm, beats=beats, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_targets=list(lora_targets), template=template, speech_tokens=speech_tokens, llm_dtype=llm_dtype,
             second_per_window=second_per_window, qformer_layers=qformer_layers, qformer_hidden=qformer_hidden,
-            qformer_heads=qformer_heads, qformer_ffn=qformer_ffn)
+            qformer_heads=qformer_heads, qformer_ffn=qformer_ffn, beats_unsafe_load=beats_unsafe_load)
         self.speech_tokens = speech_tokens
 
         # frozen encoders (float32; under autocast they compute in half precision)
         self.whisper = WhisperModel.from_pretrained(whisper, **_dtype_kwarg(torch.float32)).encoder
         self.whisper.requires_grad_(False).eval()
-        self.beats = beats_lib.load_beats(beats) if beats else None  # frozen, eval
+        self.beats = beats_lib.load_beats(beats, unsafe_load=beats_unsafe_load) if beats else None  # frozen, eval
         d_whisper = self.whisper.config.d_model
         d_beats = self.beats.cfg.encoder_embed_dim if self.beats is not None else 0
 
@@ -329,6 +329,8 @@ class LSM(nn.Module):
           n_correct, n_tokens   next-token accuracy counts on the target (SALMONN's validation accuracy)
           hidden     {l: (B, W, d_llm)} LLM states at the speech positions (l = 0: projector output), with gradient
           speech_mask (B, W) True on windows overlapping real audio
+          seen_mask  (B, W) True on every speech position the LLM saw (all W with --speech-tokens all; the same as
+                     speech_mask with --speech-tokens real)
         W = 88 with --speech-tokens all, the batch's largest number of real windows with --speech-tokens real."""
         layers = tuple(layers)
         self._check_layers(layers)
@@ -343,7 +345,7 @@ class LSM(nn.Module):
         loss = F.cross_entropy(logits, target)
         hidden = {l: self._gather(out.hidden_states[l], inp["pos"], inp["pos_mask"]) for l in layers}
         return dict(loss=loss, n_correct=(logits.argmax(-1) == target).sum(), n_tokens=sel.sum(), hidden=hidden,
-                    speech_mask=speech_mask[:, :inp["pos"].shape[1]])
+                    speech_mask=speech_mask[:, :inp["pos"].shape[1]], seen_mask=inp["pos_mask"])
 
     @torch.no_grad()
     def text_forward(self, transcripts, instructions, layers):
@@ -459,7 +461,8 @@ class LSM(nn.Module):
                    lora_targets=args.lora_targets, template=args.template, speech_tokens=args.speech_tokens,
                    llm_dtype=args.llm_dtype, second_per_window=args.second_per_window,
                    qformer_layers=args.qformer_layers, qformer_hidden=args.qformer_hidden,
-                   qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn)
+                   qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn,
+                   beats_unsafe_load=args.beats_unsafe_load)
 
 
 def add_model_args(parser):
@@ -468,6 +471,9 @@ def add_model_args(parser):
     g.add_argument("--whisper", default="openai/whisper-large-v2", help="Whisper checkpoint (dir or hub id)")
     g.add_argument("--beats", default=beats_lib.BEATS_CKPT_NAME, help="BEATs checkpoint file")
     g.add_argument("--no-beats", action="store_true", help="Whisper only (the Q-Former then sees Whisper's width)")
+    g.add_argument("--beats-unsafe-load", action="store_true",
+                   help="load --beats with a full unpickle (torch.load weights_only=False) when the safe loader refuses "
+                        "an object in it: runs code from the file, so only for a file you trust")
     g.add_argument("--llm", default="Qwen/Qwen2-7B", help="LLM dir or hub id (paper: Qwen2-7B or Vicuna-13B-v1.1)")
     g.add_argument("--llm-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the frozen LLM")
     g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
@@ -484,6 +490,37 @@ def add_model_args(parser):
     g.add_argument("--lora-dropout", type=float, default=0.1)
     g.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
     return parser
+
+
+# ----------------------------------------------------------------------------- what the alignment compares
+
+ALIGN_POSITIONS = ("real", "all")
+OT_COSTS = ("sqeuclidean", "cosine")
+
+
+def alignment_mask(out, positions="real"):
+    """The speech positions that carry the alignment (stage-2 retrieval, stage-3 loss, alignment degree, t-SNE), from
+    a speech_forward output: "real" (this project's reading of the paper, which does not say) the windows that
+    overlap real audio, out["speech_mask"]; "all" every speech position the LLM saw, out["seen_mask"] (SALMONN feeds
+    all 88 windows, silence included). Both put uniform mass on the positions they keep. With --speech-tokens real
+    the LLM sees only the real windows, so the two are the same. Real windows are a prefix of each row either way."""
+    if positions not in ALIGN_POSITIONS:
+        raise ValueError(f"--align-positions must be one of {ALIGN_POSITIONS}, got {positions!r}")
+    return out["speech_mask"] if positions == "real" else out["seen_mask"]
+
+
+def cost_points(x, y, cost="sqeuclidean"):
+    """(x, y, factor) such that factor * OT(x', y') with ot.py's squared Euclidean cost is the OT with ground cost
+    `cost` between x and y. "sqeuclidean": C_ij = |x_i - y_j|^2 (paper eq. 1): x, y as they are, factor 1.
+    "cosine": C_ij = |x_i/|x_i| - y_j/|y_j||^2 / 2 = 1 - cos(x_i, y_j): the L2-normalised states (float32), factor
+    1/2. The factor may multiply the value instead of the cost because ot.py's epsilon is relative to the cost scale
+    (W(c x, c y) = c^2 W(x, y)), so the plan is the same either way. The cosine cost ignores the norms, which drift
+    apart between speech and text with depth while the directions become similar (beyond the paper)."""
+    if cost not in OT_COSTS:
+        raise ValueError(f"--ot-cost must be one of {OT_COSTS}, got {cost!r}")
+    if cost == "sqeuclidean":
+        return x, y, 1.0
+    return F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1), 0.5
 
 
 if __name__ == "__main__":

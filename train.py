@@ -155,7 +155,7 @@ def model_overrides(make_parser, argv, args):
     given = set(vars(p.parse_known_args(argv)[0]))
     names = ["whisper", "beats", "llm", "llm_dtype", "template", "speech_tokens", "second_per_window",
              "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn", "lora_r", "lora_alpha",
-             "lora_dropout", "lora_targets"]
+             "lora_dropout", "lora_targets", "beats_unsafe_load"]
     out = {n: getattr(args, n) for n in names if n in given}
     if args.no_beats:
         out["beats"] = None

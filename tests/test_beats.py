@@ -304,3 +304,52 @@ def test_bfloat16_model_stays_close_to_float32():
         f32 = tiny_beats(seed=8)(wav)[0]
         bf16 = tiny_beats(seed=8).to(torch.bfloat16)(wav)[0]
     assert bf16.dtype == torch.bfloat16 and (bf16.float() - f32).abs().mean() < 0.05
+
+
+def test_refused_object_names_it_and_the_unsafe_flag(tmp_path, tiny_ckpts):
+    """A checkpoint whose label_dict has numpy keys (as a label table read with pandas would) and one whose cfg is an
+    argparse.Namespace: the safe loader refuses both; the error names the refused globals and --beats-unsafe-load,
+    which loads the same model as the plain file (a trusted file)."""
+    import argparse
+    import numpy as np
+    import model as M
+    from conftest import TINY_QFORMER
+    plain = write_tiny_beats(tmp_path / "plain.pt")  # seed 0, as _save_modified
+    ref = load_beats(plain)
+    wav = 0.2 * torch.randn(1, 20000, generator=torch.Generator().manual_seed(0))
+    numpy_keys = _save_modified(tmp_path, lambda c: c.__setitem__("label_dict", {np.int64(k): v for k, v in
+                                                                                 c["label_dict"].items()}))
+    numpy_keys.rename(tmp_path / "numpy_keys.pt")
+    namespace = _save_modified(tmp_path, lambda c: c.__setitem__("cfg", argparse.Namespace(**c["cfg"])))
+    for path, refused in ((tmp_path / "numpy_keys.pt", "numpy._core.multiarray.scalar"),
+                          (namespace, "argparse.Namespace")):
+        with pytest.raises(ValueError) as err:
+            load_beats(path)
+        msg = str(err.value)
+        assert str(path) in msg and refused in msg and "--beats-unsafe-load" in msg and "\n" not in msg, msg
+        trusted = load_beats(path, unsafe_load=True)
+        with torch.no_grad():
+            assert torch.equal(trusted(wav)[0], ref(wav)[0])
+        assert set(trusted.label_dict) == set(ref.label_dict)  # np.int64 keys hash and compare as the ints
+    # the model flag goes through LSM and is recorded in its build arguments (the .json beside every checkpoint)
+    p = tiny_ckpts["qwen2"]
+    with pytest.raises(ValueError, match="--beats-unsafe-load"):
+        M.LSM(p["whisper"], p["llm"], str(namespace), llm_dtype="float32", verbose=False, **TINY_QFORMER)
+    lsm = M.LSM(p["whisper"], p["llm"], str(namespace), llm_dtype="float32", verbose=False, beats_unsafe_load=True,
+                **TINY_QFORMER)
+    assert lsm.build_args["beats_unsafe_load"] is True and lsm.beats.cfg.encoder_embed_dim == 32
+
+
+def test_cfg_without_deep_norm_warns_and_loads_as_the_official_code(tmp_path):
+    path = _save_modified(tmp_path, lambda c: c["cfg"].pop("deep_norm"))
+    with pytest.warns(UserWarning, match="no 'deep_norm' key.*deep_norm=False"):
+        model = load_beats(path)
+    assert model.encoder.layers[0].alpha == 1.0  # the official BEATsConfig default: deep_norm False
+    flat = tiny_beats(seed=0, deep_norm=False)  # the weights _save_modified wrote
+    wav = 0.2 * torch.randn(1, 20000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(wav)[0], flat(wav)[0])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cfg with the key loads without any warning
+        load_beats(write_tiny_beats(tmp_path / "ok.pt"))
