@@ -22,15 +22,15 @@ is read.
 Alignment degree (paper section 6.5, Figure 6). For N test pairs (speech_i, transcript_i), sampled with --seed,
 the speech goes through the LSM as in training and the transcript goes in its place (same template and
 instruction, model.text_forward). At layer l, with h^s the states at the speech windows that overlap real audio
-and h^t the states at the transcript's tokens:
+(--align-positions all: every speech position the LLM saw) and h^t the states at the transcript's tokens:
 
-    A_l = 1/N sum_i log W(h^s_{i,l}, h^t_{i,l}),    W = ot.wasserstein (entropic estimate of eq. 1)
+    A_l = 1/N sum_i log W(h^s_{i,l}, h^t_{i,l}),    W = ot.wasserstein (entropic estimate of eq. 1; --ot-cost)
 
 and the reported degree is the mean of A_l over the given layers (the paper uses its selected layers, 0 and 1).
 Lower = better aligned. For scale, the same mean over mismatched pairs (speech_i with the transcript of
 another utterance of its batch) is reported too: the level of "no alignment" for this model and layer.
 
-Figure 5: speech (layer 0 = projector output, real windows) and text (layer 0 = token embeddings) states, each
+Figure 5: speech (layer 0 = projector output, the --align-positions windows) and text (layer 0 = token embeddings) states, each
 averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a kernel-density contour per
 modality (scipy), saved as PNG (matplotlib). These three libraries are optional: only --tsne needs them.
 
@@ -266,20 +266,26 @@ def decode(lsm, entries, mode, args, rank, world):
 # ----------------------------------------------------------------------------- alignment degree and Figure 5
 
 
-def log_wasserstein(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS):
+def log_wasserstein(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
+                    cost="sqeuclidean"):
     """log W(speech_i, text_{(i - shift) mod B}) per pair -> (B,) float32. speech (B, n, d), speech_mask (B, n),
     text (B, m, d), text_mask (B, m), masks True = valid. shift = 0: the true pairs; shift = 1: each speech with
-    the previous utterance's text (mismatched pairs). W is clamped at the smallest positive float: the log stays
-    finite even for identical point clouds."""
+    the previous utterance's text (mismatched pairs). cost: the ground cost (model.cost_points: sqeuclidean,
+    the paper's, or cosine). W is clamped at the smallest positive float: the log stays finite even for
+    identical point clouds."""
+    from model import cost_points  # here: --hyps and --table need no model stack
     text, text_mask = text.roll(shift, 0), text_mask.roll(shift, 0)
-    w = ot.wasserstein(speech.float(), text.float(), speech_mask, text_mask, eps=eps, n_iters=n_iters)
+    x, y, scale = cost_points(speech.float(), text.float(), cost)
+    w = scale * ot.wasserstein(x, y, speech_mask, text_mask, eps=eps, n_iters=n_iters)
     return w.clamp(min=torch.finfo(w.dtype).tiny).log()
 
 
-def alignment_degree(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS):
+def alignment_degree(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
+                     cost="sqeuclidean"):
     """The paper's alignment degree at one layer for one batch of states: mean_i log W(speech_i, text_i)
     (with `shift`, of mismatched pairs). Arguments as log_wasserstein."""
-    return log_wasserstein(speech, speech_mask, text, text_mask, shift=shift, eps=eps, n_iters=n_iters).mean().item()
+    return log_wasserstein(speech, speech_mask, text, text_mask, shift=shift, eps=eps, n_iters=n_iters,
+                           cost=cost).mean().item()
 
 
 def length_mean(h, mask):
@@ -292,8 +298,10 @@ def length_mean(h, mask):
 def representations(lsm, entries, pairs, layers, args, rank, world, pooled):
     """For the test pairs entries[pairs]: per pair, log W at each layer for the true pair and for a mismatched one
     (speech with the previous transcript of its batch), and (if `pooled`) the length-averaged layer-0 speech and
-    text states. Speech states: model.speech_forward (real windows); text: model.text_forward. -> records on every
-    rank, in the order of `pairs`."""
+    text states. Speech states: model.speech_forward at the positions of --align-positions (model.alignment_mask:
+    the real windows, or all the LLM saw); text: model.text_forward. -> records on every rank, in the order of
+    `pairs`."""
+    from model import alignment_mask
     mine = [pairs[k] for k in shard(len(pairs), rank, world)]
     instructions = data.Instructions(args.instructions)
     loader = speech_batches(lsm, entries, mine, args.batch_size, instructions, args.num_workers)
@@ -302,8 +310,8 @@ def representations(lsm, entries, pairs, layers, args, rank, world, pooled):
         with autocast(lsm):
             out = lsm.speech_forward(batch, layers)
             text, text_mask = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
-        hs, sm = out["hidden"], out["speech_mask"].to(lsm.device)
-        kw = dict(eps=args.ot_eps, n_iters=args.ot_iters)
+        hs, sm = out["hidden"], alignment_mask(out, args.align_positions).to(lsm.device)
+        kw = dict(eps=args.ot_eps, n_iters=args.ot_iters, cost=args.ot_cost)
         matched = {l: log_wasserstein(hs[l], sm, text[l], text_mask, **kw).tolist() for l in layers}
         B = len(batch["ids"])  # mismatched needs a second utterance in the batch
         shifted = {l: log_wasserstein(hs[l], sm, text[l], text_mask, shift=1, **kw).tolist() if B > 1 else [None]
@@ -540,6 +548,11 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="sampling of the pairs; t-SNE")
     g.add_argument("--ot-eps", type=float, default=ot.EPS, help="relative entropic epsilon of ot.wasserstein")
     g.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
+    g.add_argument("--align-positions", default="real", choices=["real", "all"],
+                   help="speech positions of --alignment / --tsne: real = windows overlapping real audio (this project's "
+                        "reading of the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
+    g.add_argument("--ot-cost", default="sqeuclidean", choices=["sqeuclidean", "cosine"],
+                   help="OT ground cost of --alignment: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<manifest name>)")
     g.add_argument("--name", help="row name in the summary table (default: the --ckpt path)")

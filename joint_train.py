@@ -7,8 +7,14 @@ the LLM without gradient (LSM.text_forward stops after the deepest selected laye
     L = alpha * L_CE + sum_{l in I} (1 - alpha) / |I| * W_l,     W_l = W(h^s_l, stopgrad(h^t_l))
 
 W_l (eq. 1) is the entropic Wasserstein distance (ot.wasserstein, squared Euclidean cost, uniform masses)
-between the speech states at layer l -- only the windows that overlap real audio -- and the detached
-transcript states at layer l; the batch mean is taken. alpha = 0.99 makes the OT weight the paper's 0.01.
+between the speech states at layer l and the detached transcript states at layer l; the batch mean is taken.
+Which speech positions (--align-positions, model.alignment_mask): "real" (default; this project's reading of
+the paper, which does not say) the windows that overlap real audio, "all" every speech position the LLM saw
+(SALMONN feeds all 88 windows; a 5 s clip has 15 real ones); the same with --speech-tokens real. The ground cost
+(--ot-cost, model.cost_points; beyond the paper): "sqeuclidean" |h^s_i - h^t_j|^2 (eq. 1, default) or "cosine"
+1 - cos(h^s_i, h^t_j) = half the squared distance of the L2-normalised states, blind to the norms, which drift
+apart between the modalities with depth. Both flags act on every --align mode (its speech positions) and, with
+the same names, on select_layers.py and evaluate.py. alpha = 0.99 makes the OT weight the paper's 0.01.
 I comes from stage 2 (--layers-from runs/stage2/layers.json) or by hand (--layers 0 1).
 
 --align chooses the alignment (paper Table 4; the baselines act on the embedding layer, layer 0):
@@ -19,9 +25,9 @@ I comes from stage 2 (--layers-from runs/stage2/layers.json) or by hand (--layer
         (it is not part of the LSM: last/best.safetensors do not hold it). Transcripts longer than the
         number of real windows (3 per second) cannot be aligned: their CTC loss is 0 (zero_infinity).
   cl    multi-class N-pair contrastive loss (Sohn 2016) on length-averaged layer-0 representations,
-        the other pairs of the (per-device) batch as negatives: with s_i, t_j the mean speech / text vectors,
-        sim_ij = cos(s_i, t_j) / tau,  L_CL = -1/B sum_i log softmax_j(sim_ij)[i];
-        L = alpha * L_CE + (1 - alpha) * L_CL.
+        the other pairs of the GLOBAL batch as negatives (the text vectors are gathered over the ranks): with
+        s_i, t_j the mean speech / text vectors, sim_ij = cos(s_i, t_j) / tau over all texts j of the global
+        batch,  L_CL = -1/B sum_i log softmax_j(sim_ij)[i];  L = alpha * L_CE + (1 - alpha) * L_CL.
   none  the base model of Table 2: L = L_CE.
 
 Validation every --eval-every steps on --dev (teacher-forced next-token accuracy of the target, and loss);
@@ -37,6 +43,7 @@ import argparse
 import json
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,11 +57,15 @@ class Joint(train.Objective):
     """train.Objective with the alignment term of eq. 6 (or a Table 4 baseline) added to the cross-entropy."""
 
     def __init__(self, lsm, align="ot", layers=(0,), alpha=0.99, ot_eps=ot.EPS, ot_iters=ot.N_ITERS,
-                 cl_temperature=0.1):
+                 cl_temperature=0.1, align_positions="real", ot_cost="sqeuclidean"):
         super().__init__(lsm)
         if align not in ("ot", "ctc", "cl", "none"):
             raise ValueError(f"--align must be ot, ctc, cl or none, got {align!r}")
+        if align_positions not in M.ALIGN_POSITIONS or ot_cost not in M.OT_COSTS:
+            raise ValueError(f"--align-positions {align_positions!r} / --ot-cost {ot_cost!r}: expected one of "
+                             f"{M.ALIGN_POSITIONS} / {M.OT_COSTS}")
         self.align, self.alpha, self.ot_eps, self.ot_iters, self.tau = align, alpha, ot_eps, ot_iters, cl_temperature
+        self.align_positions, self.ot_cost = align_positions, ot_cost
         self.layers = {"ot": tuple(layers), "ctc": (0,), "cl": (0,), "none": ()}[align]
         if align == "ot" and not self.layers:
             raise ValueError("--align ot needs at least one layer (--layers or --layers-from)")
@@ -72,7 +83,7 @@ class Joint(train.Objective):
         if any(t is None for t in batch["transcripts"]):
             raise ValueError(f"--align {self.align} needs a transcript for every item; batch {batch['ids']} has none "
                              f"for some (audio captioning entries?)")
-        speech_mask = out["speech_mask"]
+        speech_mask = M.alignment_mask(out, self.align_positions)  # the speech positions that are aligned
         if self.align == "ctc":
             align = self.ctc_loss(out["hidden"][0], speech_mask, batch["transcripts"])
             return dict(loss=self.alpha * ce + (1 - self.alpha) * align, ctc=align.detach(), **logs)
@@ -83,12 +94,12 @@ class Joint(train.Objective):
                                 self.tau)
             return dict(loss=self.alpha * ce + (1 - self.alpha) * align, cl=align.detach(), **logs)
         # all selected layers in one batched Sinkhorn call (each problem has its own eps and masses, so this
-        # equals one call per layer); real windows are a prefix: the all-padding tail (88 -> n) is cut first
+        # equals one call per layer); the aligned positions are a prefix: the unused tail (88 -> n) is cut first
         n, L, B = int(speech_mask.sum(1).max()), len(self.layers), len(speech_mask)
-        w = ot.wasserstein(torch.cat([out["hidden"][l][:, :n] for l in self.layers]),
-                           torch.cat([text[l].detach() for l in self.layers]),
-                           speech_mask[:, :n].repeat(L, 1), text_mask.repeat(L, 1),
-                           eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)  # (|I|,) batch means
+        x, y, scale = M.cost_points(torch.cat([out["hidden"][l][:, :n] for l in self.layers]),
+                                    torch.cat([text[l].detach() for l in self.layers]), self.ot_cost)
+        w = scale * ot.wasserstein(x, y, speech_mask[:, :n].repeat(L, 1), text_mask.repeat(L, 1),
+                                   eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)  # (|I|,) batch means
         loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()
         logs.update({f"w_{l}": w[i].detach() for i, l in enumerate(self.layers)})
         return dict(loss=loss, **logs)
@@ -109,9 +120,38 @@ def masked_mean(x, mask):
 
 
 def n_pair_loss(s, t, tau):
-    """Multi-class N-pair loss (in-batch negatives): mean_i -log softmax_j(cos(s_i, t_j) / tau)[i]."""
-    sim = F.normalize(s.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T / tau
-    return F.cross_entropy(sim, torch.arange(len(s), device=sim.device))
+    """Multi-class N-pair loss with the negatives of the global batch. s (B, d): this rank's speech vectors; t (B, d)
+    the texts of the same items (no gradient: detached here, as stage 3 detaches the text side). The texts of all
+    ranks are gathered (gather_rows), so with T the N >= B texts of the global batch and o this rank's offset in it:
+
+        L = 1/B sum_i -log softmax_j( cos(s_i, T_j) / tau )[o + i]
+
+    The gradient reaches this rank's speech vectors only; DDP's average of the ranks' gradients is then the gradient
+    of the mean over the global batch (for equal per-rank batches). One process: N = B, in-batch negatives.
+    The temperature tau sets the logit range 1/tau (cosines lie in [-1, 1]): a small tau sharpens the softmax, so
+    the gradient concentrates on the negatives most similar to the speech (the hard ones) and the loss nears 0 once
+    the true text's cosine leads every negative's by several tau; a large tau spreads the gradient over all
+    negatives and bounds the loss from below (tau = 1: L >= log(1 + (N - 1) e^-2)). Default 0.1."""
+    dtype = torch.promote_types(s.dtype, torch.float32)  # float32 at least (bf16 under autocast)
+    t, offset = gather_rows(t.detach().to(dtype))
+    sim = F.normalize(s.to(dtype), dim=-1) @ F.normalize(t, dim=-1).T / tau
+    return F.cross_entropy(sim, offset + torch.arange(len(s), device=sim.device))
+
+
+def gather_rows(x):
+    """(all ranks' rows of x concatenated in rank order, this rank's offset in it); ranks may hold different numbers
+    of rows. No gradient (a plain all_gather). One process, or no process group: (x, 0)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(k) for k in sizes]
+    padded = x.new_zeros(max(sizes), *x.shape[1:])  # all_gather needs equal shapes
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:k] for part, k in zip(parts, sizes)]), sum(sizes[:rank])
 
 
 def read_layers(path):
@@ -138,7 +178,13 @@ def parser():
     p.add_argument("--alpha", type=float, default=0.99, help="CE weight; the alignment weight is 1 - alpha (eq. 6)")
     p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
     p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
-    p.add_argument("--cl-temperature", type=float, default=0.1, help="temperature tau of --align cl")
+    p.add_argument("--cl-temperature", type=float, default=0.1,
+                   help="temperature tau of --align cl: cosines / tau, small = focus on the hardest negatives")
+    p.add_argument("--align-positions", default="real", choices=M.ALIGN_POSITIONS,
+                   help="speech positions that are aligned: real = windows overlapping real audio (this project's "
+                        "reading of the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
+    p.add_argument("--ot-cost", default="sqeuclidean", choices=M.OT_COSTS,
+                   help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the paper)")
     train.note_init_overrides(M.add_model_args(p))
     train.add_train_args(p, warmup_steps=3000, max_steps=80000, validation=True)
     return p
@@ -160,7 +206,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))
-    objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature)
+    objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature,
+                      args.align_positions, args.ot_cost)
     from transformers import WhisperFeatureExtractor
     collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
     instructions = data.Instructions(args.instructions, args.seed)

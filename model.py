@@ -512,15 +512,16 @@ def alignment_mask(out, positions="real"):
 def cost_points(x, y, cost="sqeuclidean"):
     """(x, y, factor) such that factor * OT(x', y') with ot.py's squared Euclidean cost is the OT with ground cost
     `cost` between x and y. "sqeuclidean": C_ij = |x_i - y_j|^2 (paper eq. 1): x, y as they are, factor 1.
-    "cosine": C_ij = |x_i/|x_i| - y_j/|y_j||^2 / 2 = 1 - cos(x_i, y_j): the L2-normalised states (float32), factor
-    1/2. The factor may multiply the value instead of the cost because ot.py's epsilon is relative to the cost scale
+    "cosine": C_ij = |x_i/|x_i| - y_j/|y_j||^2 / 2 = 1 - cos(x_i, y_j): the L2-normalised states (in float32 at
+    least; gradients flow through the normalisation), factor 1/2. The factor may multiply the value instead of the cost because ot.py's epsilon is relative to the cost scale
     (W(c x, c y) = c^2 W(x, y)), so the plan is the same either way. The cosine cost ignores the norms, which drift
     apart between speech and text with depth while the directions become similar (beyond the paper)."""
     if cost not in OT_COSTS:
         raise ValueError(f"--ot-cost must be one of {OT_COSTS}, got {cost!r}")
     if cost == "sqeuclidean":
         return x, y, 1.0
-    return F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1), 0.5
+    unit = lambda h: F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), dim=-1)
+    return unit(x), unit(y), 0.5
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Stage 2 of AI-STA (paper section 4.2): choose the LLM layers to align, by speech-to-text retrieval.
 
 With the stage-1 model, N random speech-text pairs (paper: 1000 from LibriSpeech test-clean, --num-pairs,
-seeded) go through the LLM twice with the same instruction: the speech (states at the speech positions,
-only windows that overlap real audio) and the transcript in place of the speech (states at the transcript
-positions). For every layer l = 0 (embeddings) .. L, with h^s_{i,l} / h^t_{j,l} the states of speech i /
+seeded) go through the LLM twice with the same instruction: the speech (states at the speech positions:
+--align-positions real, the default, only the windows that overlap real audio; all, every speech position the
+LLM saw -- the same with --speech-tokens real) and the transcript in place of the speech (states at the
+transcript positions). For every layer l = 0 (embeddings) .. L, with h^s_{i,l} / h^t_{j,l} the states of speech i /
 text j (eq. 3):
 
-    D^(l)_ij = W(h^s_{i,l}, h^t_{j,l})                 (ot.pairwise_wasserstein, N x N)
+    D^(l)_ij = W(h^s_{i,l}, h^t_{j,l})                 (ot.pairwise_wasserstein, N x N; --ot-cost, see joint_train)
     r_i      = rank of the true text i among all N texts by D^(l)_i.  (1 = closest; ties count against it)
     MRR^(l)  = 1/N sum_i 1 / r_i                                                    (eq. 4)
     I        = { l : MRR^(l) > threshold }                                          (eq. 5, threshold 0.05)
@@ -66,17 +67,20 @@ def pad(states):
     return x, mask
 
 
-def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096, rows=32, device="cpu"):
+def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096, rows=32, device="cpu",
+               cost="sqeuclidean"):
     """speech / text: {layer: list of N tensors (n_i, d) / (m_i, d)} (pair i = speech i, text i)
-    -> {layer: MRR}. D^(l) is computed in blocks of `rows` speech rows on `device`."""
+    -> {layer: MRR}. D^(l) is computed in blocks of `rows` speech rows on `device`, with the ground cost `cost`
+    (model.cost_points: sqeuclidean or cosine)."""
     out = {}
     for l in sorted(speech):
         x, xm = pad(speech[l])
         y, ym = (t.to(device) for t in pad(text[l]))
+        x, y, scale = M.cost_points(x, y, cost)  # scale: 1, or 1/2 for cosine (it does not change a ranking)
         D = torch.empty(len(x), len(y), dtype=torch.float64)
         for i in tqdm(range(0, len(x), rows), desc=f"layer {l} distances", leave=False):
             D[i:i + rows] = ot.pairwise_wasserstein(x[i:i + rows].to(device), y, xm[i:i + rows].to(device), ym,
-                                                    eps=eps, n_iters=n_iters, chunk_size=chunk_size).double().cpu()
+                                                    eps=eps, n_iters=n_iters, chunk_size=chunk_size).double().cpu() * scale
         out[l] = mean_reciprocal_rank(D)
     return out
 
@@ -85,9 +89,10 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
 
 
 @torch.no_grad()
-def collect_states(lsm, loader, layers, autocast):
+def collect_states(lsm, loader, layers, autocast, positions="real"):
     """Run every batch through speech_forward and text_forward (same instruction). Returns
-    ({l: [speech states of real windows (n_i, d)]}, {l: [transcript states (m_i, d)]}) on the CPU. The speech
+    ({l: [speech states at the aligned positions (n_i, d)]}, {l: [transcript states (m_i, d)]}) on the CPU; the
+    positions: model.alignment_mask(out, positions) (real windows, or all the LLM saw). The speech
     forward also sees the target after the instruction; by causality the states at the speech positions do not
     depend on it."""
     speech, text = {l: [] for l in layers}, {l: [] for l in layers}
@@ -97,8 +102,8 @@ def collect_states(lsm, loader, layers, autocast):
         with autocast():
             out = lsm.speech_forward(batch, layers)
             hid_t, mask_t = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
-        n_s, n_t = out["speech_mask"].sum(1).tolist(), mask_t.sum(1).tolist()
-        for l in layers:  # real windows / transcript tokens are a prefix of each row
+        n_s, n_t = M.alignment_mask(out, positions).sum(1).tolist(), mask_t.sum(1).tolist()
+        for l in layers:  # aligned speech positions / transcript tokens are a prefix of each row
             speech[l] += [h[:n].cpu() for h, n in zip(out["hidden"][l], n_s)]
             text[l] += [h[:n].cpu() for h, n in zip(hid_t[l], n_t)]
     return speech, text
@@ -150,6 +155,11 @@ def parser():
     p.add_argument("--batch-size", type=int, default=8, help="forward batch")
     p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
     p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
+    p.add_argument("--align-positions", default="real", choices=M.ALIGN_POSITIONS,
+                   help="speech positions compared: real = windows overlapping real audio (this project's reading of "
+                        "the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
+    p.add_argument("--ot-cost", default="sqeuclidean", choices=M.OT_COSTS,
+                   help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the paper)")
     p.add_argument("--chunk-size", type=int, default=4096, help="OT problems solved at once")
     p.add_argument("--rows", type=int, default=32, help="speech rows of D per block (progress bar step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,12 +190,12 @@ def main(argv=None):
     dataset = data.SpeechDataset(pairs, data.Instructions(args.instructions, args.seed), skip_bad=args.skip_bad)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    speech, text = collect_states(lsm, loader, layers, autocast)
+    speech, text = collect_states(lsm, loader, layers, autocast, args.align_positions)
     llm_name = os.path.basename(lsm.build_args["llm"].rstrip("/"))
     del lsm  # free the device for the distances
 
     mrr = layer_mrrs(speech, text, eps=args.ot_eps, n_iters=args.ot_iters, chunk_size=args.chunk_size,
-                     rows=args.rows, device=device)
+                     rows=args.rows, device=device, cost=args.ot_cost)
     selected = select(mrr, args.threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     result = dict(mrr={str(l): v for l, v in mrr.items()}, selected=selected, threshold=args.threshold,

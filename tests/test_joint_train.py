@@ -247,3 +247,96 @@ def test_torchrun_two_processes_with_accumulation_and_validation(setup, tmp_path
         for key in ("loss", "ce", "w_0", "w_1"):
             tol = 1e-6 if a["step"] < 3 else (1e-3 if key.startswith("w_") else 5e-5)
             assert a[key] == pytest.approx(b[key], rel=tol), (a["step"], key)
+
+
+@pytest.mark.parametrize("speech_tokens", ["all", "real"])
+def test_align_positions_and_ot_cost_by_hand(setup, tiny_ckpts, speech_tokens):
+    """W_l of every (--align-positions, --ot-cost) against ot.wasserstein by hand: positions real = the windows over
+    real audio (6, 3, 5 of 88 for 2, 1, 1.5 s), all = every speech position the LLM saw (88 each with --speech-tokens
+    all; with --speech-tokens real the LLM sees only the real windows, so the two are the same, exactly); cost
+    cosine = 1/2 W of the L2-normalised states."""
+    import ot
+    lsm = M.LSM.from_trainable(setup["init"], verbose=False, speech_tokens=speech_tokens).eval()
+    batch = make_batch(tiny_ckpts["qwen2"]["whisper"], [2.0, 1.0, 1.5])
+    with torch.no_grad():
+        out = lsm.speech_forward(batch, (0, 2))
+        text, tmask = lsm.text_forward(batch["transcripts"], batch["instructions"], (0, 2))
+    real, seen = out["speech_mask"], out["seen_mask"]
+    assert real.sum(1).tolist() == [6, 3, 5]
+    assert seen.sum(1).tolist() == ([88, 88, 88] if speech_tokens == "all" else [6, 3, 5])
+    unit = lambda h: h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    got = {}
+    for positions in ("real", "all"):
+        for cost in ("sqeuclidean", "cosine"):
+            obj = joint_train.Joint(lsm, "ot", layers=(0, 2), alpha=0.9, align_positions=positions, ot_cost=cost)
+            with torch.no_grad():
+                res = obj.eval()(batch)
+            mask = real if positions == "real" else seen
+            n = int(mask.sum(1).max())  # as Joint: the positions after the last aligned one are cut (see test_eq6)
+            for l in (0, 2):
+                x, y, mask = out["hidden"][l][:, :n], text[l], mask[:, :n]
+                expected = (ot.wasserstein(x, y, mask, tmask) if cost == "sqeuclidean" else
+                            0.5 * ot.wasserstein(unit(x), unit(y), mask, tmask)).mean().item()
+                assert res[f"w_{l}"].item() == pytest.approx(expected, rel=1e-4), (positions, cost, l)
+                got[positions, cost, l] = res[f"w_{l}"].item()
+    for cost in ("sqeuclidean", "cosine"):
+        for l in (0, 2):
+            if speech_tokens == "real":
+                assert got["real", cost, l] == got["all", cost, l]
+            else:  # 82-85 more windows per clip (how much W moves depends on the model: checked by hand above)
+                assert got["real", cost, l] != got["all", cost, l], (cost, l)
+    with pytest.raises(ValueError, match="--align-positions"):
+        joint_train.Joint(lsm, "ot", layers=(0,), align_positions="some")
+
+
+def test_flags_reach_args_json(setup, tmp_path):
+    run(setup, tmp_path, "--train", setup["fixed"], "--layers", "0", "--max-steps", "1", "--warmup-steps", "1",
+        "--align-positions", "all", "--ot-cost", "cosine")
+    args = json.load(open(tmp_path / "args.json"))
+    assert args["align_positions"] == "all" and args["ot_cost"] == "cosine"
+    assert math.isfinite(metrics(tmp_path)[0]["w_0"]) and metrics(tmp_path)[0]["w_0"] <= 2.0  # 1 - cos <= 2
+
+
+def _cl_rank(rank, world, port, s_all, t_all, sizes, tau, folder):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        lo = sum(sizes[:rank])
+        s = s_all[lo:lo + sizes[rank]].clone().requires_grad_(True)
+        loss = joint_train.n_pair_loss(s, t_all[lo:lo + sizes[rank]], tau)
+        loss.backward()
+        torch.save(dict(loss=loss.detach(), grad=s.grad), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(3, 3), (2, 3)])
+def test_contrastive_negatives_come_from_the_global_batch(tmp_path, sizes):
+    """2 gloo ranks: each speech item is contrasted with the texts of both ranks. Equal shards: the mean of the ranks'
+    losses is the loss of one process on the joined batch, and (DDP averages the ranks' gradients) 1/2 x each rank's
+    gradient is the joined loss's gradient for its rows. Unequal shards (a --skip-bad batch): each rank's loss is the
+    mean of its items' terms of the joined batch. float64 throughout; the sums differ only in order (1e-12)."""
+    import torch.multiprocessing as mp
+    from test_train import free_port
+    g = torch.Generator().manual_seed(0)
+    N, tau = sum(sizes), 0.1
+    s_all, t_all = torch.randn(N, 8, generator=g, dtype=torch.float64), torch.randn(N, 8, generator=g, dtype=torch.float64)
+    mp.start_processes(_cl_rank, args=(2, free_port(), s_all, t_all, list(sizes), tau, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    s = s_all.clone().requires_grad_(True)
+    sim = torch.nn.functional.normalize(s, dim=-1) @ torch.nn.functional.normalize(t_all, dim=-1).T / tau
+    terms = torch.nn.functional.cross_entropy(sim, torch.arange(N), reduction="none")  # per item, global negatives
+    joined = joint_train.n_pair_loss(s, t_all, tau)  # one process: in-batch negatives = the joined batch
+    assert joined.item() == pytest.approx(terms.mean().item(), rel=1e-12)
+    bounds = [(0, sizes[0]), (sizes[0], N)]
+    for r, (lo, hi) in enumerate(bounds):
+        assert ranks[r]["loss"].item() == pytest.approx(terms[lo:hi].mean().item(), rel=1e-12), r
+    if sizes[0] == sizes[1]:
+        assert (ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 == pytest.approx(joined.item(), rel=1e-12)
+        joined.backward()
+        for r, (lo, hi) in enumerate(bounds):
+            torch.testing.assert_close(ranks[r]["grad"] / 2, s.grad[lo:hi], rtol=1e-10, atol=1e-14)
+    # with in-rank negatives only (the old behaviour) rank 0's loss would be another number
+    local = torch.nn.functional.cross_entropy(sim[:sizes[0], :sizes[0]], torch.arange(sizes[0]))
+    assert abs(local.item() - ranks[0]["loss"].item()) > 1e-3
