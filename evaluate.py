@@ -30,8 +30,8 @@ and the reported degree is the mean of A_l over the given layers (the paper uses
 Lower = better aligned. For scale, the same mean over mismatched pairs (speech_i with the transcript of
 another utterance of its batch) is reported too: the level of "no alignment" for this model and layer.
 
-Figure 5: speech (layer 0 = projector output, the --align-positions windows) and text (layer 0 = token embeddings) states, each
-averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a kernel-density contour per
+Figure 5: speech (layer 0 = projector output, at the --align-positions windows) and text (layer 0 = token
+embeddings) states, each averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a kernel-density contour per
 modality (scipy), saved as PNG (matplotlib). These three libraries are optional: only --tsne needs them.
 
 Sharding: under torchrun every rank decodes a contiguous slice of the manifest (a batch is the same in any run

@@ -189,7 +189,9 @@ def test_help_shows_paper_defaults(capsys):
               "--warmup-steps WARMUP_STEPS linear warm-up steps (default: 3000)",
               "--eval-every EVAL_EVERY validate every N steps (default: 3000)", "(default: 4)",
               "--align {ot,ctc,cl,none}", "(default: ot)", "--lr LR peak learning rate (default: 3e-05)",
-              "--batch-size BATCH_SIZE GLOBAL batch", "--lora-r LORA_R (default: 8)", "--ot-eps", "--ot-iters"):
+              "--batch-size BATCH_SIZE GLOBAL batch", "--lora-r LORA_R (default: 8)", "--ot-eps", "--ot-iters",
+              "--align-positions {real,all}", "(default: real)", "--ot-cost {sqeuclidean,cosine}",
+              "(default: sqeuclidean)", "--beats-unsafe-load"):
         assert s in text, s
 
 

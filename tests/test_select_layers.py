@@ -100,5 +100,16 @@ def test_errors_and_help(stage1, tmp_path, capsys):
         S.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for s in ("--num-pairs NUM_PAIRS random pairs N (all if the manifest has fewer) (default: 1000)",
-              "--threshold THRESHOLD select layers with MRR above this (eq. 5) (default: 0.05)", "--ot-eps"):
+              "--threshold THRESHOLD select layers with MRR above this (eq. 5) (default: 0.05)", "--ot-eps",
+              "--align-positions {real,all}", "(default: real)", "--ot-cost {sqeuclidean,cosine}",
+              "(default: sqeuclidean)"):
         assert s in text, s
+
+
+def test_alignment_flags_end_to_end(stage1, tmp_path):
+    res = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path),
+                  "--num-pairs", "4", "--dtype", "float32", "--num-workers", "0", "--seed", "1",
+                  "--align-positions", "all", "--ot-cost", "cosine"])
+    saved = json.load(open(tmp_path / "layers.json"))
+    assert saved["args"]["align_positions"] == "all" and saved["args"]["ot_cost"] == "cosine"
+    assert all(1 / 4 <= v <= 1 for v in saved["mrr"].values()) and saved["selected"] == res["selected"]
