@@ -318,9 +318,9 @@ def load_beats(path, unsafe_load=False):
         raise ValueError(f"{path}: not a BEATs checkpoint (need a dict with 'cfg' and 'model' dicts, found {found}); "
                          + hint)
     if "deep_norm" not in ckpt["cfg"]:
-        warnings.warn(f"{path}: its cfg has no 'deep_norm' key; built as the official code builds it (deep_norm=False, "
-                      f"residual scale 1). The cpt2 checkpoint has deep_norm=True: with its weights, a model without it "
-                      f"gives features about 20% off", stacklevel=2)
+        warnings.warn(f"{path}: its cfg has no 'deep_norm' key; built as the official code builds it "
+                      f"(deep_norm=False, residual scale 1). The cpt2 checkpoint has deep_norm=True: with its weights, "
+                      f"a model without it gives features about 20% off", stacklevel=2)
     model = BEATs(ckpt["cfg"])
     expected, got = set(model.state_dict()), set(ckpt["model"])
     missing, unexpected = sorted(expected - got), sorted(got - expected)

@@ -31,8 +31,9 @@ Lower = better aligned. For scale, the same mean over mismatched pairs (speech_i
 another utterance of its batch) is reported too: the level of "no alignment" for this model and layer.
 
 Figure 5: speech (layer 0 = projector output, at the --align-positions windows) and text (layer 0 = token
-embeddings) states, each averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a kernel-density contour per
-modality (scipy), saved as PNG (matplotlib). These three libraries are optional: only --tsne needs them.
+embeddings) states, each averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a
+kernel-density contour per modality (scipy), saved as PNG (matplotlib). These three libraries are optional: only
+--tsne needs them.
 
 Sharding: under torchrun every rank decodes a contiguous slice of the manifest (a batch is the same in any run
 when the slices are multiples of --batch-size, so hypotheses do not depend on the number of processes) and rank 0
@@ -549,8 +550,9 @@ def build_parser():
     g.add_argument("--ot-eps", type=float, default=ot.EPS, help="relative entropic epsilon of ot.wasserstein")
     g.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
     g.add_argument("--align-positions", default="real", choices=["real", "all"],
-                   help="speech positions of --alignment / --tsne: real = windows overlapping real audio (this project's "
-                        "reading of the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
+                   help="speech positions of --alignment / --tsne: real = windows overlapping real audio (this "
+                        "project's reading of the paper), all = every speech position the LLM saw (the same with "
+                        "--speech-tokens real)")
     g.add_argument("--ot-cost", default="sqeuclidean", choices=["sqeuclidean", "cosine"],
                    help="OT ground cost of --alignment: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y)")
     g = p.add_argument_group("output")

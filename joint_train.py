@@ -182,7 +182,8 @@ def parser():
                    help="temperature tau of --align cl: cosines / tau, small = focus on the hardest negatives")
     p.add_argument("--align-positions", default="real", choices=M.ALIGN_POSITIONS,
                    help="speech positions that are aligned: real = windows overlapping real audio (this project's "
-                        "reading of the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
+                        "reading of the paper), all = every speech position the LLM saw (the same with "
+                        "--speech-tokens real)")
     p.add_argument("--ot-cost", default="sqeuclidean", choices=M.OT_COSTS,
                    help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the paper)")
     train.note_init_overrides(M.add_model_args(p))

@@ -472,8 +472,8 @@ def add_model_args(parser):
     g.add_argument("--beats", default=beats_lib.BEATS_CKPT_NAME, help="BEATs checkpoint file")
     g.add_argument("--no-beats", action="store_true", help="Whisper only (the Q-Former then sees Whisper's width)")
     g.add_argument("--beats-unsafe-load", action="store_true",
-                   help="load --beats with a full unpickle (torch.load weights_only=False) when the safe loader refuses "
-                        "an object in it: runs code from the file, so only for a file you trust")
+                   help="load --beats with a full unpickle (torch.load weights_only=False) when the safe loader "
+                        "refuses an object in it: runs code from the file, so only for a file you trust")
     g.add_argument("--llm", default="Qwen/Qwen2-7B", help="LLM dir or hub id (paper: Qwen2-7B or Vicuna-13B-v1.1)")
     g.add_argument("--llm-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the frozen LLM")
     g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
@@ -513,8 +513,9 @@ def cost_points(x, y, cost="sqeuclidean"):
     """(x, y, factor) such that factor * OT(x', y') with ot.py's squared Euclidean cost is the OT with ground cost
     `cost` between x and y. "sqeuclidean": C_ij = |x_i - y_j|^2 (paper eq. 1): x, y as they are, factor 1.
     "cosine": C_ij = |x_i/|x_i| - y_j/|y_j||^2 / 2 = 1 - cos(x_i, y_j): the L2-normalised states (in float32 at
-    least; gradients flow through the normalisation), factor 1/2. The factor may multiply the value instead of the cost because ot.py's epsilon is relative to the cost scale
-    (W(c x, c y) = c^2 W(x, y)), so the plan is the same either way. The cosine cost ignores the norms, which drift
+    least; gradients flow through the normalisation), factor 1/2. The factor may multiply the value instead of the
+    cost because ot.py's epsilon is relative to the cost scale (W(c x, c y) = c^2 W(x, y)), so the plan is the same
+    either way. The cosine cost ignores the norms, which drift
     apart between speech and text with depth while the directions become similar (beyond the paper)."""
     if cost not in OT_COSTS:
         raise ValueError(f"--ot-cost must be one of {OT_COSTS}, got {cost!r}")

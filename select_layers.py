@@ -80,7 +80,8 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
         D = torch.empty(len(x), len(y), dtype=torch.float64)
         for i in tqdm(range(0, len(x), rows), desc=f"layer {l} distances", leave=False):
             D[i:i + rows] = ot.pairwise_wasserstein(x[i:i + rows].to(device), y, xm[i:i + rows].to(device), ym,
-                                                    eps=eps, n_iters=n_iters, chunk_size=chunk_size).double().cpu() * scale
+                                                    eps=eps, n_iters=n_iters,
+                                                    chunk_size=chunk_size).double().cpu() * scale
         out[l] = mean_reciprocal_rank(D)
     return out
 

@@ -41,7 +41,7 @@ def test_cosine_cost_is_scale_free_and_half_the_normalised_sqeuclidean():
     torch.testing.assert_close(base, 0.5 * ot.wasserstein(unit(x), unit(y), xm, ym), rtol=1e-12, atol=0)
     # ... which is OT with the cost 1 - cos: equal sizes and uniform masses make the exact OT an assignment
     for n in (1, 4, 9):
-        a, b = torch.randn(n, 16, generator=g, dtype=torch.float64), torch.randn(n, 16, generator=g, dtype=torch.float64)
+        a, b = (torch.randn(n, 16, generator=g, dtype=torch.float64) for _ in range(2))
         C = (1 - unit(a) @ unit(b).T).numpy()
         r, c = linear_sum_assignment(C)
         exact = C[r, c].mean()

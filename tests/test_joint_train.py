@@ -322,7 +322,7 @@ def test_contrastive_negatives_come_from_the_global_batch(tmp_path, sizes):
     from test_train import free_port
     g = torch.Generator().manual_seed(0)
     N, tau = sum(sizes), 0.1
-    s_all, t_all = torch.randn(N, 8, generator=g, dtype=torch.float64), torch.randn(N, 8, generator=g, dtype=torch.float64)
+    s_all, t_all = (torch.randn(N, 8, generator=g, dtype=torch.float64) for _ in range(2))
     mp.start_processes(_cl_rank, args=(2, free_port(), s_all, t_all, list(sizes), tau, str(tmp_path)), nprocs=2,
                        start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
