@@ -8,7 +8,8 @@ Manifest (JSON lines, one utterance per line; relative `audio` paths resolve aga
 SALMONN's `{"annotation": [{"path", "text", "task"}, ...]}` files (suffix .json) are read too, see SALMONN_TASKS.
 Several manifests combine by list concatenation; WeightedMixSampler gives them mixing weights (stage 1:
     asr, aac = read_manifest(a), read_manifest(b); ds = SpeechDataset(asr + aac)
-    sampler = WeightedMixSampler([len(asr), len(aac)], [w_asr, w_aac], rank=rank, num_replicas=world)).
+    shares = mix_shares([len(asr), len(aac)], [w_asr, w_aac])   # by size (SALMONN), scaled by the weights
+    sampler = WeightedMixSampler([len(asr), len(aac)], shares, rank=rank, num_replicas=world)).
 
 Audio: soundfile -> mean of channels -> soxr to 16 kHz -> float32, zero-padded to >= 1 s (as SALMONN),
 cut to 30 s (Whisper's window; SALMONN cuts silently, here it is logged and counted in STATS).
@@ -75,35 +76,106 @@ def instruction(task, tgt_lang=None):
     return _fill(DEFAULT_INSTRUCTIONS[task], task, tgt_lang)
 
 
+SALMONN_SPEECH = "<Speech><SpeechHere></Speech>"  # where SALMONN's prompt files put the speech
+# SALMONN prompt-file task -> (our task, target language); "translation_en2XX" -> ("st", XX) for XX in LANGUAGES
+SALMONN_PROMPT_TASKS = {"asr": ("asr", None), "audiocaption": ("aac", None), "translation_ec": ("st", "zh"),
+                        "translation_ce": ("st", "en")}
+_WARNED = set()  # (path, message) already logged: one warning per file, however many Instructions read it
+
+
 class Instructions:
-    """Instruction per item: the fixed default, or one of the alternatives in a JSON file
-    {"asr": [...], "aac": [...], "st": ["... {lang} ..."]} (tasks left out keep the default).
+    """Instruction per item: the fixed default (instruction()), or one of the alternatives in a JSON file, in
+    either of two formats:
+      * this project's {"asr": [...], "aac": [...], "st": ["... {lang} ..."]} (tasks left out keep the default;
+        an unknown task is an error);
+      * SALMONN's prompts/train_prompt.json (task -> list of prompts) or prompts/test_prompt.json (task -> one
+        prompt), read as they are; recognised by the speech placeholder <Speech><SpeechHere></Speech> in its
+        prompts. asr -> asr, audiocaption -> aac, translation_ec -> st into Chinese, translation_en2XX -> st into
+        XX (translation_en2ja: Japanese), translation_ce -> st into English. The placeholder, which opens each of
+        those prompts, is dropped: the template puts the speech before the instruction, as SALMONN's prompt does.
+        The other tasks (asr_zh, QA, music, ...) are listed in one warning and not used. An st item whose target
+        language has no prompt in the file keeps the default instruction.
     The pick for item `key` is random.Random(f"{seed}:{key}").choice(alternatives): seeded, the same in
-    every DataLoader worker and every run, and different across items (not across epochs)."""
+    every DataLoader worker, every rank and every run, and different across items (not across epochs); evaluation
+    (seed 0, key = manifest index) therefore picks deterministically, the same prompt in ST and MT mode.
+    describe() says which prompts are in use (written to the runs' args.json / metrics.json)."""
 
     def __init__(self, path=None, seed=0):
-        self.seed, self.options = seed, {t: [s] for t, s in DEFAULT_INSTRUCTIONS.items()}
+        self.seed, self.path, self.format, self.ignored = seed, None if path is None else str(path), "default", []
+        self.options = {t: [s] for t, s in DEFAULT_INSTRUCTIONS.items()}  # "asr", "aac", "st" ({lang}), "st:<lang>"
         if path is None:
             return
         with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+            try:
+                table = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(table, dict):
             raise ValueError(f"{path}: expected a JSON object {{task: [instructions]}}")
+        if any(SALMONN_SPEECH in p for v in table.values() for p in ([v] if isinstance(v, str) else
+                                                                     v if isinstance(v, list) else []) if
+               isinstance(p, str)):
+            self._read_salmonn(table, path)
+            return
+        self.format = "own"
         for task, options in table.items():
             if task not in TASKS:
-                raise ValueError(f"{path}: unknown task {task!r}; expected keys among {TASKS}")
+                raise ValueError(f"{path}: unknown task {task!r}; expected keys among {TASKS} (or SALMONN's prompt "
+                                 f"file, whose prompts contain {SALMONN_SPEECH})")
             if not (isinstance(options, list) and options and all(isinstance(s, str) and s.strip() for s in options)):
                 raise ValueError(f"{path}: {task!r} must be a non-empty list of non-empty strings")
             if task == "st" and not all("{lang}" in s for s in options):
                 raise ValueError(f"{path}: every 'st' instruction needs the {{lang}} placeholder")
             self.options[task] = options
 
+    def _read_salmonn(self, table, path):
+        self.format = "salmonn"
+        for name, value in table.items():
+            task, lang = SALMONN_PROMPT_TASKS.get(name, (None, None))
+            if task is None and name.startswith("translation_en2") and name[len("translation_en2"):] in LANGUAGES:
+                task, lang = "st", name[len("translation_en2"):]
+            if task is None:
+                self.ignored.append(name)
+                continue
+            prompts = [value] if isinstance(value, str) else value
+            if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+                raise ValueError(f"{path}: {name!r} must be a prompt or a non-empty list of prompts")
+            self.options[task if lang is None else f"st:{lang}"] = [_salmonn_instruction(p, path, name)
+                                                                     for p in prompts]
+        if self.ignored:
+            msg = (f"{path}: SALMONN prompt tasks with no asr / aac / st counterpart here, not used: "
+                   + ", ".join(self.ignored))
+            if (path, msg) not in _WARNED:
+                _WARNED.add((path, msg))
+                log.warning(msg)
+
     def __call__(self, task, tgt_lang=None, key=0):
-        if task not in self.options:
+        if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         options = self.options[task]
+        if task == "st" and tgt_lang is not None:
+            options = self.options.get(f"st:{normalize_lang(tgt_lang)}", options)
         template = options[0] if len(options) == 1 else random.Random(f"{self.seed}:{key}").choice(options)
         return _fill(template, task, tgt_lang)
+
+    def describe(self):
+        """{"path", "format" (default | own | salmonn), "seed", "prompts": {task or "st:<lang>": [instructions]},
+        "ignored_tasks"}: the instructions items are drawn from (uniformly, seeded per item)."""
+        return dict(path=self.path, format=self.format, seed=self.seed, prompts=dict(self.options),
+                    ignored_tasks=list(self.ignored))
+
+
+def _salmonn_instruction(prompt, path, name):
+    """SALMONN prompt -> the instruction: the leading <Speech><SpeechHere></Speech> dropped, spaces stripped."""
+    text = prompt.strip()
+    if text.startswith(SALMONN_SPEECH):
+        text = text[len(SALMONN_SPEECH):].strip()
+    elif SALMONN_SPEECH in text:
+        raise ValueError(f"{path}: {name!r}: {prompt!r} puts the speech inside the instruction; the templates here "
+                         f"put it before the instruction (as SALMONN's own prompts do)")
+    if not text:
+        raise ValueError(f"{path}: {name!r}: a prompt with no instruction")
+    return text
 
 # ----------------------------------------------------------------------------- manifests
 
@@ -213,6 +285,21 @@ def read_manifest(path, skip_bad=False):
     return entries
 
 # ----------------------------------------------------------------------------- weighted mixture
+
+
+def mix_shares(sizes, weights, by="size"):
+    """Sampling share of each of K sources: share_k = w_k b_k / sum_j w_j b_j, with b_k = n_k (by="size": in
+    proportion to the number of entries, as SALMONN's uniform draw from the concatenation of its data lists; a
+    weight scales that share, e.g. 0.5 = as if the manifest had half its entries) or b_k = 1 (by="equal": every
+    source the same base share, the weights are the shares). -> list of K floats summing to 1."""
+    if by not in ("size", "equal"):
+        raise ValueError(f"mix by 'size' or 'equal', got {by!r}")
+    if len(sizes) != len(weights) or any(n <= 0 for n in sizes) or any(w < 0 for w in weights):
+        raise ValueError(f"need one positive size and non-negative weight per source, got {sizes}, {weights}")
+    mass = [w * (n if by == "size" else 1) for n, w in zip(sizes, weights)]
+    if sum(mass) <= 0:
+        raise ValueError(f"the sampling weights {weights} are all 0")
+    return [m / sum(mass) for m in mass]
 
 
 def mix_indices(sizes, weights, num_samples, seed=0):

@@ -172,7 +172,7 @@ LOOP=(--dtype float32 --num-workers 1 --log-every $LOG_EVERY --save-every 100000
 
 stage "stage 1: ASR + AAC pre-training"
 if ! done_already "$OUT/stage1/last.safetensors"; then
-    run $PY pretrain.py --train "$C/asr_train.jsonl:1" "$C/aac_train.jsonl:0.1" "${MODEL[@]}" \
+    run $PY pretrain.py --train "$C/asr_train.jsonl:1" "$C/aac_train.jsonl:0.1" --mix-by equal "${MODEL[@]}" \
         --output-dir "$OUT/stage1" --lr 3e-3 --warmup-start-lr 1e-5 --min-lr 3e-4 --warmup-steps $S1_WARMUP \
         --max-steps $S1_STEPS --batch-size $BATCH --weight-decay 0.05 "${LOOP[@]}"
 fi

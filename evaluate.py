@@ -534,8 +534,9 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=200, help="SALMONN: 200")
     g.add_argument("--batch-size", type=int, default=8, help="utterances per batch and process")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
-    g.add_argument("--instructions", help="JSON file of alternative instructions (data.Instructions); "
-                                          "default: 'Translate the speech into <language>.'")
+    g.add_argument("--instructions", help="JSON file of instructions: this project's format or SALMONN's "
+                                          "prompts/test_prompt.json (data.Instructions; a list: one per item, seeded "
+                                          "by its index); default: 'Translate the speech into <language>.'")
     g.add_argument("--limit", type=int, help="evaluate only the first N entries of the manifest")
     g = p.add_argument_group("BLEU")
     g.add_argument("--tokenize", help="SacreBLEU tokenizer for every language (default: zh -> zh, ja -> ja-mecab, "
@@ -585,6 +586,10 @@ def main(argv=None):
     for flag in ("num_beams", "max_new_tokens", "batch_size", "num_pairs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        args.instructions_used = data.Instructions(args.instructions).describe()  # recorded in metrics.json
+    except ValueError as e:  # names the file
+        raise EvalError(f"--instructions {e}") from None
     return run(args)
 
 

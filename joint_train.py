@@ -212,6 +212,7 @@ def main(argv=None):
     from transformers import WhisperFeatureExtractor
     collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
     instructions = data.Instructions(args.instructions, args.seed)
+    args.instructions_used = instructions.describe()  # recorded in args.json
     dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad) if dev_entries else None
     return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad),
                        collate, dev_set=dev)

@@ -167,7 +167,9 @@ def parser():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype of the forwards")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip broken manifest lines and unreadable audio")
-    p.add_argument("--instructions", default=None, help="JSON file of alternative instructions (data.Instructions)")
+    p.add_argument("--instructions", default=None,
+                   help="JSON file of instructions: this project's format or SALMONN's prompts/*_prompt.json "
+                        "(data.Instructions; None: the fixed ones). Speech and text get the same one")
     train.note_init_overrides(M.add_model_args(p))
     return p
 
@@ -188,7 +190,9 @@ def main(argv=None):
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
     collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
-    dataset = data.SpeechDataset(pairs, data.Instructions(args.instructions, args.seed), skip_bad=args.skip_bad)
+    instructions = data.Instructions(args.instructions, args.seed)
+    args.instructions_used = instructions.describe()  # recorded in layers.json
+    dataset = data.SpeechDataset(pairs, instructions, skip_bad=args.skip_bad)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     speech, text = collect_states(lsm, loader, layers, autocast, args.align_positions)

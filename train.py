@@ -112,7 +112,8 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
                    help="skip broken manifest lines and unreadable audio instead of stopping (both are counted)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     g.add_argument("--instructions", default=None,
-                   help="JSON file of alternative instructions per task (data.Instructions; None: the fixed ones)")
+                   help="JSON file of alternative instructions per task, one drawn per item: this project's format "
+                        "or SALMONN's prompts/train_prompt.json (data.Instructions; None: the fixed ones)")
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="testing: stop after N steps of this run WITHOUT a checkpoint, as a kill would (0: off)")
     if validation:
