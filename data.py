@@ -112,9 +112,7 @@ class Instructions:
                 raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(table, dict):
             raise ValueError(f"{path}: expected a JSON object {{task: [instructions]}}")
-        if any(SALMONN_SPEECH in p for v in table.values() for p in ([v] if isinstance(v, str) else
-                                                                     v if isinstance(v, list) else []) if
-               isinstance(p, str)):
+        if any(SALMONN_SPEECH in p for v in table.values() for p in _strings(v)):
             self._read_salmonn(table, path)
             return
         self.format = "own"
@@ -163,6 +161,12 @@ class Instructions:
         "ignored_tasks"}: the instructions items are drawn from (uniformly, seeded per item)."""
         return dict(path=self.path, format=self.format, seed=self.seed, prompts=dict(self.options),
                     ignored_tasks=list(self.ignored))
+
+
+def _strings(value):
+    """A prompt or a list of prompts -> the strings in it (anything else: none)."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [p for p in items if isinstance(p, str)]
 
 
 def _salmonn_instruction(prompt, path, name):
