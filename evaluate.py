@@ -784,7 +784,6 @@ def figure6(runs, paths, path, lang=None):
                         capsize=3, markersize=7, label=label)
         else:
             ax.plot(xs, ys, "o", color=c, markersize=7, label=label)
-        ax.annotate(name, (xs.mean(), ys.mean()), xytext=(6, 6), textcoords="offset points", fontsize=8, color=c)
         out.append((name, float(xs.mean()), float(ys.mean()), len(g)))
     which = "layer " + ", ".join(map(str, layers)) if len(layers) == 1 else "layers " + ", ".join(map(str, layers))
     ax.set_xlabel(f"alignment degree: mean log W(speech, text) at {which}  (lower = closer)")
@@ -792,9 +791,25 @@ def figure6(runs, paths, path, lang=None):
     ax.set_title("ST BLEU against the speech-text alignment degree (paper Figure 6)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
-    ax.legend(loc="best", fontsize=8, title="mean ± sd over seeds" if any(n > 1 for *_, n in out) else None,
-              title_fontsize=8)
+    ax.legend(loc="best", fontsize=8, title_fontsize=8, title="mean ± sd over seeds (small dots: each seed)"
+              if any(n > 1 for *_, n in out) else None)
     fig.tight_layout()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    placed = [ax.get_legend().get_window_extent(renderer)]  # each name next to its point, where it covers nothing
+    for k, (name, x, y, _) in enumerate(out):
+        for dx, dy, ha in ((6, 6, "left"), (6, -14, "left"), (-6, 6, "right"), (-6, -14, "right"), (6, 20, "left"),
+                           (6, -28, "left")):
+            label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha,
+                                color=colors[k % len(colors)])
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            label.remove()
+        else:  # nowhere free: the first place (the legend still names the colour)
+            label = ax.annotate(name, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8,
+                                color=colors[k % len(colors)])
+        placed.append(label.get_window_extent(renderer))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=FIG_DPI)
     return out
