@@ -157,7 +157,7 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
         p         (1 + #{resamples whose |sys - base| minus its mean exceeds the real |sys - base|}) / 1001,
                   two-sided: the probability of a difference this large if both systems were the same process.
     -> dict(bleu=dict(score, mean, ci, p), chrf=dict(...), baseline=dict(bleu=dict(score, mean, ci), chrf=...),
-    signature=.., chrf_signature=.. (SacreBLEU's, with bs and seed), n_samples, seed)."""
+    signature=.., chrf_signature=.. (SacreBLEU's, with bs and seed), n (segments), n_samples, seed)."""
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
     refs = [list(refs)]
@@ -165,7 +165,7 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
     test = PairedTest([("baseline", list(baseline)), ("system", list(hyps))], metrics, references=None,
                       test_type="bs", n_samples=1000)
     sigs, scores = test()
-    out = dict(baseline={}, n_samples=test.n_samples, seed=test._seed)
+    out = dict(baseline={}, n=len(hyps), n_samples=test.n_samples, seed=test._seed)
     for key, name in zip(metrics, [k for k in scores if k != "System"]):  # "BLEU", "chrF2", in metrics' order
         base, sys_ = scores[name]
         out[key] = dict(score=float(sys_.score), mean=float(sys_.mean), ci=float(sys_.ci), p=float(sys_.p_value))
@@ -554,7 +554,9 @@ def tsne_panels(panels, path, seed=0):
         for pts, name, color, cmap in ((xy[:n], "speech", "tab:blue", "Blues"), (xy[n:], "text", "tab:red", "Reds")):
             try:
                 density = gaussian_kde(pts.T)(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
-                ax.contour(gx, gy, density, levels=6, cmap=cmap, linewidths=1.0)
+                # levels at fixed fractions of the peak: none near 0, where a contour would wander over the panel
+                ax.contour(gx, gy, density, levels=density.max() * np.array([0.1, 0.25, 0.45, 0.65, 0.85]),
+                           cmap=cmap, linewidths=1.0)
             except (np.linalg.LinAlgError, ValueError) as e:  # e.g. points on a line: no 2-D density
                 log(f"--tsne: no density contour for {name} ({e})")
             ax.scatter(pts[:, 0], pts[:, 1], s=8, color=color, alpha=0.6, label=f"{name} ({n} utterances)")

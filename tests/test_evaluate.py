@@ -82,6 +82,21 @@ def trained(tiny_ckpts, tmp_path_factory):
         path = str(tmp_path_factory.mktemp(f"ckpt_{family}") / "best.safetensors")
         lsm.save_trainable(path)
         out[family] = (path, lsm)
+    # another "training run" of the qwen2 model (other trained weights): a baseline for the paired tests, Figure 5
+    lsm = M.LSM(p["whisper"], tiny_ckpts["qwen2"]["llm"], p["beats"], llm_dtype="float32", verbose=False,
+                **TINY_QFORMER).eval()
+    _perturb(lsm, seed=2)
+    path = str(tmp_path_factory.mktemp("ckpt_qwen2_b") / "best.safetensors")
+    lsm.save_trainable(path)
+    out["qwen2_b"] = (path, lsm)
+    # far from its init: ST hypotheses that differ between clips (the small perturbations give one constant string)
+    p = tiny_ckpts["llama"]
+    torch.manual_seed(0)
+    lsm = M.LSM(p["whisper"], p["llm"], p["beats"], llm_dtype="float32", verbose=False, **TINY_QFORMER).eval()
+    _perturb(lsm, scale=1.0)
+    path = str(tmp_path_factory.mktemp("ckpt_llama_loud") / "best.safetensors")
+    lsm.save_trainable(path)
+    out["llama_loud"] = (path, lsm)
     return out
 
 
@@ -277,6 +292,65 @@ def test_decode_manifest(trained, manifest, tmp_path, family, beams):
     assert saved["args"]["num_beams"] == beams and metrics["n"] == 3
 
 
+@pytest.mark.parametrize("family,beams", [("qwen2", 1), ("qwen2", 2), ("llama_loud", 1), ("llama_loud", 2)])
+def test_hypotheses_do_not_depend_on_the_batch_size(trained, manifest, tmp_path, family, beams):
+    """ST and MT, greedy and beam: batches of 1 and batches of 4 (+ 1) give the same hypotheses (left padding,
+    position ids and beam bookkeeping do not leak across the items of a batch)."""
+    ckpt, _ = trained[family]
+    hyps = []
+    for batch in (1, 4):
+        E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "st", "mt", "--num-beams", str(beams),
+                "--max-new-tokens", "6", "--batch-size", str(batch), "--num-workers", "0",
+                "--output-dir", str(tmp_path / f"b{batch}")])
+        hyps.append({mode: [h["hypothesis"] for h in read_jsonl(tmp_path / f"b{batch}" / f"hyps.{mode}.jsonl")]
+                     for mode in ("st", "mt")})
+    assert hyps[0] == hyps[1]
+    # outputs that depend on the input (a constant string would hide a mix-up between the items of a batch)
+    assert len(set(hyps[0]["mt"])) == 5 and (family != "llama_loud" or len(set(hyps[0]["st"])) == 5), hyps[0]
+
+
+def test_manifest_evaluation_records_the_paired_bootstrap(trained, manifest, tmp_path, capsys, monkeypatch):
+    """--baseline-hyps: metrics.json holds, per mode, the paired bootstrap of --hyps SYS --baseline BASE on the two
+    runs' files, and --table shows its p-value in the system's row."""
+    common = ["--manifest", manifest, "--mode", "st", "mt", "--num-beams", "1"] + FAST
+    base, sys_ = tmp_path / "base", tmp_path / "sys"
+    E.main(["--ckpt", trained["qwen2_b"][0], *common, "--output-dir", str(base), "--name", "base"])
+    E.main(["--ckpt", trained["qwen2"][0], *common, "--output-dir", str(sys_), "--name", "AI-STA",
+            "--baseline-hyps", str(base)])
+    capsys.readouterr()
+    saved = json.loads((sys_ / "metrics.json").read_text(encoding="utf-8"))
+    base_saved = json.loads((base / "metrics.json").read_text(encoding="utf-8"))
+    for mode in ("st", "mt"):
+        sc = saved["bleu"][mode]["zh"]
+        E.main(["--hyps", str(sys_ / f"hyps.{mode}.jsonl"), "--baseline", str(base / f"hyps.{mode}.jsonl")])
+        expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert sc["score"] == expected["bleu"] and sc["chrf"] == expected["chrf"]
+        for key in ("bleu", "chrf"):
+            assert {k: sc["paired_bs"][key][k] for k in ("mean", "ci", "p")} == expected["paired_bs"][key]
+        assert sc["paired_bs"]["baseline_sha256"] == base_saved["bleu"][mode]["zh"]["sha256"]
+        assert sc["paired_bs"]["baseline_hyps"] == str(base / f"hyps.{mode}.jsonl")
+    E.main(["--table", str(base / "metrics.json"), str(sys_ / "metrics.json")])
+    cells = _cells(capsys.readouterr().out.strip())
+    assert cells[0][:4] == ["Model", "ST zh", "ST zh chrF", "ST zh p"]
+    assert cells[3][0] == "AI-STA" and cells[3][3] == f"{saved['bleu']['st']['zh']['paired_bs']['bleu']['p']:.3f}"
+    assert cells[2][3] == ""  # the baseline row has no p-value
+    # a baseline of other segments, or a file for two modes: refused before any model is loaded
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded before the baseline check"))
+    lines = (base / "hyps.st.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "reordered.jsonl").write_text("".join(lines[1:] + lines[:1]), encoding="utf-8")
+    with pytest.raises(E.EvalError, match=r"reordered.jsonl: line 1: id 'u1' is out of the order of \S*test.jsonl"):
+        E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--limit", "3",
+                "--baseline-hyps", str(tmp_path / "reordered.jsonl")])
+    (tmp_path / "other.jsonl").write_text(lines[0].replace("你好世界", "你好") + "".join(lines[1:]), encoding="utf-8")
+    with pytest.raises(E.EvalError, match=r"test.jsonl: line 1 and \S*other.jsonl: line 1 have different references"):
+        E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--baseline-hyps", str(tmp_path / "other.jsonl")])
+    with pytest.raises(E.EvalError, match=r"a file holds one mode's hypotheses; for --mode st mt give the baseline's"):
+        E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base / "hyps.st.jsonl")])
+    with pytest.raises(E.EvalError, match=r"hyps.mt.jsonl not found"):
+        (base / "hyps.mt.jsonl").unlink()
+        E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base)])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -432,6 +506,39 @@ def test_alignment_and_tsne_on_the_tiny_model(trained, manifest, tmp_path):
     assert img.shape[:2] == (round(E.FIG_INCHES[1] * E.FIG_DPI), round(E.FIG_INCHES[0] * E.FIG_DPI))
     assert img[..., :3].std() > 0.01  # something is drawn
     assert metrics["tsne"]["num_pairs"] == 4
+
+
+def test_figure5_two_panels_from_two_checkpoints(trained, manifest, tmp_path, monkeypatch):
+    """--tsne with --tsne-base: one PNG, the base model's panel then the --ckpt model's, each from the same seeded
+    test pairs, with the same t-SNE settings."""
+    import random
+    import matplotlib.image
+    (ckpt, lsm), (base_ckpt, base_lsm) = trained["qwen2"], trained["qwen2_b"]
+    drawn, real = [], E.tsne_panels
+    monkeypatch.setattr(E, "tsne_panels", lambda panels, path, seed=0: drawn.append(panels) or real(panels, path, seed))
+    png = tmp_path / "fig5.png"
+    metrics = E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "none", "--tsne", str(png), "--name", "AI-STA",
+                      "--tsne-base", base_ckpt, "--tsne-base-name", "base (CE only)", "--num-pairs", "4",
+                      "--batch-size", "4", "--num-workers", "0", "--output-dir", str(tmp_path / "out")])
+    (panels,) = drawn
+    assert [p[0] for p in panels] == ["base (CE only)", "AI-STA"] == metrics["tsne"]["panels"]
+    batch = speech_batch(lsm, manifest, random.Random(0).sample(range(5), 4))  # the pairs --seed 0 samples
+    with torch.no_grad():
+        for (_, speech, text), model in zip(panels, (base_lsm, lsm)):
+            out = model.speech_forward(batch, [0])
+            t, tmask = model.text_forward(batch["transcripts"], batch["instructions"], [0])
+            np.testing.assert_allclose(speech, E.length_mean(out["hidden"][0], out["speech_mask"]).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(text, E.length_mean(t[0], tmask).numpy(), rtol=1e-5)
+    # layer-0 text states are the frozen LLM's token embeddings: the same in both models; the speech side is not
+    np.testing.assert_array_equal(panels[0][2], panels[1][2])
+    assert np.abs(panels[0][1] - panels[1][1]).max() > 1e-3
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (round(E.FIG_INCHES[1] * E.FIG_DPI), round(2 * E.FIG_INCHES[0] * E.FIG_DPI))
+    # the same settings in every panel: the same states give the same picture
+    xy = E.tsne_panels([("a", panels[1][1], panels[1][2]), ("b", panels[1][1], panels[1][2])], str(tmp_path / "s.png"))
+    np.testing.assert_array_equal(xy[0], xy[1])
+    with pytest.raises(SystemExit):  # argparse: --tsne-base needs --tsne
+        E.main(["--ckpt", ckpt, "--manifest", manifest, "--tsne-base", base_ckpt])
 
 
 def test_tsne_separates_planted_modalities(tmp_path):
