@@ -1,20 +1,32 @@
-"""Evaluate a trained AI-STA model: SacreBLEU on speech translation (ST) and on zero-shot text translation (MT),
-the alignment degree of speech and text states, and the t-SNE picture of the embedding layer.
+"""Evaluate a trained AI-STA model: SacreBLEU (BLEU and chrF) on speech translation (ST) and on zero-shot text
+translation (MT), paired bootstrap against a baseline, the alignment degree of speech and text states, the t-SNE
+picture of the embedding layer, and the paper's tables and figures over runs and seeds.
 
 The paper's measurements (CoVoST 2 test manifests from prepare_data.py, checkpoints from the stage scripts):
 
     Table 2, 3, 4 (ST BLEU)   python evaluate.py --ckpt runs/stage3/best.safetensors --manifest covost/test.en_zh.jsonl
     Table 5 (ST and MT BLEU)  python evaluate.py --ckpt ... --manifest ... --mode st mt
+    significance vs base      python evaluate.py --ckpt ... --manifest ... --baseline-hyps runs/base/eval/test.en_zh
     Figure 6 (alignment)      python evaluate.py --ckpt ... --manifest ... --alignment 0 1 --num-pairs 1000
-    Figure 5 (t-SNE)          python evaluate.py --ckpt ... --manifest ... --tsne fig5.png --num-pairs 1000
-    one table, several runs   python evaluate.py --table base/eval/test/metrics.json sta/eval/test/metrics.json
-    score a hypotheses file   python evaluate.py --hyps hyps.st.jsonl [--tgt-lang zh]     (no model is loaded)
+    Figure 5 (t-SNE)          python evaluate.py --ckpt ... --manifest ... --tsne fig5.png --tsne-base BASE_CKPT
+    one table, several runs   python evaluate.py --table base*/eval/test/metrics.json sta*/eval/test/metrics.json
+    Figure 6 from the runs    python evaluate.py --table ... --fig6 fig6.png
+    Figure 4 as a table       python evaluate.py --mrr runs/stage2/layers.json
+    score a hypotheses file   python evaluate.py --hyps hyps.st.jsonl [--baseline base.st.jsonl] [--tgt-lang zh]
     translate a few files     python evaluate.py --ckpt ... --audio a.wav b.flac --tgt-lang ja
     on 8 GPUs                 torchrun --nproc_per_node 8 evaluate.py --ckpt ... --manifest ...
 
 BLEU: SacreBLEU corpus BLEU (one reference, case-sensitive) with the tokenizer of the target language:
 zh -> "zh" (characters for CJK; 13a on Chinese gives near-zero BLEU), ja -> "ja-mecab" (needs
 `pip install "sacrebleu[ja]"`: mecab-python3 + ipadic), any other -> "13a"; printed with its signature.
+chrF: SacreBLEU's CHRF with its defaults (chrF2: character 6-grams, beta 2, no tokenizer), next to every BLEU.
+Paired bootstrap (--baseline with --hyps, --baseline-hyps with --manifest): SacreBLEU's own test
+(sacrebleu.significance.PairedTest, 1000 resamples, seed 12345), the numbers of
+`sacrebleu REF -i BASE SYS --paired-bs -m bleu chrf -tok TOK`: per metric the bootstrap mean and 95% half-width
+of the system and the p-value of its difference to the baseline; both files must hold the same segments.
+--table: runs with the same --name are seeds of one system (mean ± sample sd, the number of seeds); the first
+system is the baseline: a p-value is shown for each seed whose paired bootstrap was computed against the first
+system's run of the same training seed (recognised by the SHA-256 of its hypotheses, recorded in metrics.json).
 MT mode (the paper's Table 5) puts the transcript's token embeddings where the speech tokens go, with the same
 template and instruction as ST (the paper: "the inference prompt is identical to the training prompt"); no audio
 is read.
@@ -32,15 +44,19 @@ another utterance of its batch) is reported too: the level of "no alignment" for
 
 Figure 5: speech (layer 0 = projector output, real windows) and text (layer 0 = token embeddings) states, each
 averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a kernel-density contour per
-modality (scipy), saved as PNG (matplotlib). These three libraries are optional: only --tsne needs them.
+modality (scipy), saved as PNG (matplotlib). With --tsne-base, two panels (the base model, then --ckpt) on the
+same pairs, with the same t-SNE settings and the same axes. These three libraries are optional: only --tsne and
+--fig6 need them. Figure 6 (--fig6, from metrics.json files): ST BLEU against the alignment degree, one labelled
+point per system (mean ± sd over its seeds).
 
 Sharding: under torchrun every rank decodes a contiguous slice of the manifest (a batch is the same in any run
 when the slices are multiples of --batch-size, so hypotheses do not depend on the number of processes) and rank 0
 gathers the results (all_gather_object), puts them back in manifest order, scores and writes. CPU: gloo; GPU: nccl.
 
 Outputs of rank 0 in --output-dir: hyps.st.jsonl / hyps.mt.jsonl (manifest order; id, src, reference,
-hypothesis, tgt_lang), metrics.json (BLEU with signature per mode and language, alignment, arguments); on
-stdout the BLEU lines and a summary table in the form of the paper's tables (Markdown).
+hypothesis, tgt_lang), metrics.json (BLEU and chrF with signatures per mode and language, the paired bootstrap,
+alignment, the training run's seed from its args.json, arguments); on stdout the score lines and a summary table
+in the form of the paper's tables (Markdown).
 """
 import argparse
 import contextlib
@@ -509,13 +525,13 @@ def summarize_alignment(records, layers):
 
 
 def _plot_libs():
-    """The optional libraries of --tsne, or an error saying what to install."""
+    """The optional libraries of --tsne and --fig6, or an error saying what to install."""
     try:
         from matplotlib.figure import Figure
         from scipy.stats import gaussian_kde
         from sklearn.manifold import TSNE
     except ImportError as e:
-        raise EvalError(f"--tsne needs scikit-learn, scipy and matplotlib ({e}): "
+        raise EvalError(f"--tsne and --fig6 need scikit-learn, scipy and matplotlib ({e}): "
                         f"pip install scikit-learn matplotlib") from None
     return Figure, gaussian_kde, TSNE
 
