@@ -815,13 +815,15 @@ def figure6(runs, paths, path, lang=None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(fig).get_renderer()
     placed = [ax.get_legend().get_window_extent(renderer)]  # each name next to its point, where it covers nothing
+    inside = ax.get_window_extent(renderer)  # ... and is not cut by the edge of the plot
     for k, (name, x, y, _) in enumerate(out):
         for dx, dy, ha in ((6, 6, "left"), (6, -14, "left"), (-6, 6, "right"), (-6, -14, "right"), (6, 20, "left"),
                            (6, -28, "left")):
             label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha,
                                 color=colors[k % len(colors)])
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed):
+            if not any(box.overlaps(b) for b in placed) and inside.x0 <= box.x0 and box.x1 <= inside.x1 \
+                    and inside.y0 <= box.y0 and box.y1 <= inside.y1:
                 break
             label.remove()
         else:  # nowhere free: the first place (the legend still names the colour)
