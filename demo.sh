@@ -154,7 +154,7 @@ flags_of() {
 name_of() {
     case $1 in
         base) echo "base (CE only)" ;;
-        aista) echo "AI-STA (OT, selected layers $LAYERS${SAME})" ;;
+        aista) echo "AI-STA (OT, selected layers $LAYERS)" ;;
         layer0) echo "OT, layer 0 only" ;;
         layer1) echo "OT, layer 1 only" ;;
         all) echo "OT, all layers" ;;
@@ -162,11 +162,11 @@ name_of() {
         cl) echo "contrastive (layer 0)" ;;
     esac
 }
-SAME=""  # which Table 3 choice the selected set equals, if any
+SAME=""  # the Table 3 choice the selected set equals, if any (the names stay those of `bash demo.sh`)
 KEYS=(base aista) TABLE3=(base)
 if [[ $FULL == 1 ]]; then
     for key in layer0 layer1 all; do
-        if [[ $(layers_of $key) == "$LAYERS" ]]; then SAME=" = $(name_of $key)"; else KEYS+=("$key") TABLE3+=("$key"); fi
+        if [[ $(layers_of $key) == "$LAYERS" ]]; then SAME=$(name_of $key); else KEYS+=("$key") TABLE3+=("$key"); fi
     done
     KEYS+=(ctc cl)
 fi
@@ -224,6 +224,7 @@ if [[ $FULL == 1 ]]; then
     echo
     echo "Table 3 (which layers to align; OT, alpha 0.99):"
     table table3.md "${TABLE3[@]}"
+    if [[ -n $SAME ]]; then echo "(the selected layers are \"$SAME\": that row is the AI-STA run)"; fi
     echo
     echo "Table 4 (aligning method, each on the embedding layer except AI-STA's selected layers):"
     table table4.md base ctc cl aista

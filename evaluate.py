@@ -173,7 +173,8 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
         p         (1 + #{resamples whose |sys - base| minus its mean exceeds the real |sys - base|}) / 1001,
                   two-sided: the probability of a difference this large if both systems were the same process.
     -> dict(bleu=dict(score, mean, ci, p), chrf=dict(...), baseline=dict(bleu=dict(score, mean, ci), chrf=...),
-    signature=.., chrf_signature=.. (SacreBLEU's, with bs and seed), n (segments), n_samples, seed)."""
+    signature=.., chrf_signature=.. (SacreBLEU's, with bs and seed), n (segments), n_samples, seed, identical
+    (the two systems' hypotheses are the same))."""
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
     refs = [list(refs)]
@@ -181,7 +182,10 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
     test = PairedTest([("baseline", list(baseline)), ("system", list(hyps))], metrics, references=None,
                       test_type="bs", n_samples=1000)
     sigs, scores = test()
-    out = dict(baseline={}, n=len(hyps), n_samples=test.n_samples, seed=test._seed)
+    # identical systems: SacreBLEU's p is then its floor 1 / 1001 ("significant"; its count of resampled
+    # differences above the real one is 0 when both are 0), so say it: --table shows "same", not that p
+    out = dict(baseline={}, n=len(hyps), n_samples=test.n_samples, seed=test._seed,
+               identical=list(hyps) == list(baseline))
     for key, name in zip(metrics, [k for k in scores if k != "System"]):  # "BLEU", "chrF2", in metrics' order
         base, sys_ = scores[name]
         out[key] = dict(score=float(sys_.score), mean=float(sys_.mean), ci=float(sys_.ci), p=float(sys_.p_value))
@@ -288,7 +292,9 @@ def score_report(label, s):
             lines.append(f"    paired bootstrap {name} ({bs['n_samples']} resamples, seed {bs['seed']}): system "
                          f"{x['score']:.2f} ({x['mean']:.2f} ± {x['ci']:.2f}), baseline {b['score']:.2f} "
                          f"({b['mean']:.2f} ± {b['ci']:.2f}), p = {x['p']:.4f}")
-        lines.append(f"    against {bs.get('baseline_hyps') or 'the baseline'}")
+        lines.append(f"    against {bs.get('baseline_hyps') or 'the baseline'}"
+                     + (": the same hypotheses (SacreBLEU's p is then 1/1001; there is no difference)"
+                        if bs.get("identical") else ""))
     return "\n".join(lines)
 
 
@@ -658,7 +664,8 @@ def mean_sd(xs, digits):
 def same_seed_pvalues(group, baseline_group, mode, lang, metric="bleu"):
     """The paired-bootstrap p-values of a system's seeds against the first system (the baseline): for each seed,
     the p of its metrics.json whose baseline hypotheses (sha256) are those of a baseline run with the same
-    training seed (where the seeds are known). -> list of p, one per seed that has one."""
+    training seed (where the seeds are known). -> list of p, one per seed that has one; None for a seed whose
+    hypotheses are the baseline's (no difference: SacreBLEU's p would be its floor)."""
     def scores(m):
         return m.get("bleu", {}).get(mode, {}).get(lang) or {}
     base = {scores(b).get("sha256"): seed_of(b) for b in baseline_group if scores(b).get("sha256")}
@@ -671,19 +678,23 @@ def same_seed_pvalues(group, baseline_group, mode, lang, metric="bleu"):
         if seed is not None and base_seed is not None and seed != base_seed:
             continue
         p = (bs.get(metric) or {}).get("p")
-        if p is not None:
+        if bs.get("identical") or scores(m).get("sha256") == bs["baseline_sha256"]:
+            ps.append(None)
+        elif p is not None:
             ps.append(p)
     return ps
 
 
 def p_cell(ps, n):
-    """p-values of the seeds of a system: each (up to 3 seeds) or their median with the count below 0.05."""
+    """p-values of the seeds of a system: each (up to 3 seeds) or their median with the count below 0.05;
+    "same" (counted as p = 1) for a seed whose hypotheses are the baseline's."""
     if not ps:
         return "-"
     if len(ps) <= 3:
-        cell = ", ".join(f"{p:.3f}" for p in ps)
+        cell = ", ".join("same" if p is None else f"{p:.3f}" for p in ps)
     else:
-        cell = f"median {np.median(ps):.3f}, {sum(p < 0.05 for p in ps)}/{len(ps)} < 0.05"
+        ps1 = [1.0 if p is None else p for p in ps]
+        cell = f"median {np.median(ps1):.3f}, {sum(p < 0.05 for p in ps1)}/{len(ps)} < 0.05"
     return cell + (f" ({len(ps)} of {n} seeds)" if len(ps) < n else "")
 
 

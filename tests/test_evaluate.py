@@ -207,6 +207,15 @@ def test_paired_bootstrap_equals_sacrebleu_command_line(tmp_path, capsys, lang, 
         assert p == pytest.approx(out["paired_bs"][key]["p"], abs=5e-5)
     if p_base == 0.3:
         assert out["paired_bs"]["bleu"]["p"] == pytest.approx(1 / 1001)  # (0 + 1) / (1000 + 1): far apart
+        # identical systems: SacreBLEU's p is its floor too (no resampled difference exceeds 0); recorded as such
+        E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "sys.jsonl")])
+        printed = capsys.readouterr().out
+        assert json.loads(printed.strip().splitlines()[-1])["paired_bs"]["bleu"]["p"] == pytest.approx(1 / 1001)
+        assert "the same hypotheses (SacreBLEU's p is then 1/1001; there is no difference)" in printed
+        (tmp_path / "sys2.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")  # it wants two file names
+        same = _sacrebleu_cli(str(tmp_path / "ref.txt"), "-i", str(tmp_path / "sys.txt"), str(tmp_path / "sys2.txt"),
+                              "--paired-bs", "-m", "bleu", "-tok", tok, "-f", "text", "-w", "4")
+        assert "p = 0.0010" in same
     else:
         assert 0.01 < out["paired_bs"]["bleu"]["p"] < 0.99, out  # close together: a p that means something
     assert "bs:1000|seed:12345" in text and f"tok:{tok}" in out["signature"]
@@ -608,7 +617,8 @@ def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
     partial = [_run("partial", 0, 30, 50, "q0", "b0", 0.04), _run("partial", 1, 31, 50, "q1")]
     many = [_run("many", k, 30, 50, f"m{k}", f"b{k}", p) for k, p in enumerate([0.01, 0.2, 0.03, 0.04, 0.5])]
     other = [_run("vs another baseline", 0, 30, 50, "o0", "not-a-base-run", 0.01)]
-    cells = _cells(E.summary_table(base + sta + swapped + partial + many + other))
+    same = [_run("same as base", 0, 30, 50, "b0", "b0", 1 / 1001), _run("same as base", 1, 31, 50, "s1", "b1", 0.5)]
+    cells = _cells(E.summary_table(base + sta + swapped + partial + many + other + same))
     assert cells[0] == ["Model", "seeds", "ST zh", "ST zh chrF", "ST zh p", "log W L0", "log W mean", "mismatched"]
     rows = {r[0]: r[1:] for r in cells[2:]}
     # by hand: mean 32, sample sd sqrt(10 / 4) = 1.58; chrF 50..54 -> 52 ± 1.58; log W 5.0..5.4 -> 5.2 ± 0.158
@@ -621,6 +631,9 @@ def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
     assert rows["many"][3] == "median 0.040, 3/5 < 0.05"
     assert rows["vs another baseline"][3] == "-"  # its baseline is not a run of the first system
     assert rows["many"][4:] == ["-", "-", "-"]
+    # hypotheses identical to the baseline's: no difference, whatever SacreBLEU's p (its floor, 1/1001) says
+    assert rows["same as base"][3] == "same, 0.500"
+    assert E.p_cell([None, 0.01, 0.02, 0.5], 4) == "median 0.260, 2/4 < 0.05"  # "same" counts as p = 1
     # the same from files, through the command line
     paths = []
     for i, m in enumerate(base + sta):
