@@ -83,7 +83,8 @@ if ! $PY -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.
     run $PY -m pip install -q torch==2.13.0
 fi
 # requirements-test.txt (with -r requirements.txt): pip only when a module the demo imports is missing
-if $PY -c "import transformers, peft, sacrebleu, soundfile, soxr, safetensors, tqdm, scipy, matplotlib, sklearn, espeakng_loader" 2>/dev/null; then
+CHECK="import transformers, peft, sacrebleu, soundfile, soxr, safetensors, tqdm, scipy, matplotlib, sklearn, espeakng_loader"
+if $PY -c "$CHECK" 2>/dev/null; then
     echo "(the demo's requirements are installed)"
 else
     run $PY -m pip install -q -r requirements-test.txt
@@ -171,7 +172,9 @@ if [[ $FULL == 1 ]]; then
     KEYS+=(ctc cl)
 fi
 TABLE3+=(aista)
-run_dir() { if [[ $2 == 0 ]]; then echo "$OUT/$1_$3"; else echo "$OUT/$1_$3_seed$2"; fi; }  # run_dir stage3|eval SEED KEY
+run_dir() {  # run_dir stage3|eval SEED KEY: the folder of a run (seed 0 without a suffix, as `bash demo.sh`)
+    if [[ $2 == 0 ]]; then echo "$OUT/$1_$3"; else echo "$OUT/$1_$3_seed$2"; fi
+}
 
 # ---------------------------------------------------------------------------------------------- stage 3 and evaluation
 # Every run: ST and zero-shot MT (Table 5), BLEU and chrF, the alignment degree at the selected layers, and a

@@ -213,16 +213,17 @@ def check_paired(records, baseline, what="hypotheses", base_what="--baseline"):
                         f"{min(len(records), len(baseline))} agree): a paired test needs the same segments")
 
 
-def add_paired(scores, records, baseline, tokenize=None, source=None):
+def add_paired(scores, records, baseline, tokenize=None, source=None, whole_baseline=None):
     """scores (score_records of `records`) += a paired bootstrap against the `baseline` records of the same
-    segments, per language: scores[lang]["paired_bs"] = paired_bootstrap(...) + the baseline's sha256 and
-    `source` (its file)."""
-    base = by_language(baseline)
+    segments, per language: scores[lang]["paired_bs"] = paired_bootstrap(...) + `source` (the baseline's file)
+    and the sha256 of the baseline run's hypotheses (all of them: `whole_baseline` when `baseline` is the part
+    that both runs have), which --table matches with the baseline run's own metrics."""
+    base, whole = by_language(baseline), by_language(whole_baseline or baseline)
     for lang, rs in by_language(records).items():
         bs = base.get(lang, [])
         out = paired_bootstrap([r["hypothesis"] for r in rs], [r["hypothesis"] for r in bs],
                                [r["reference"] for r in rs], bleu_tokenizer(lang, tokenize))
-        scores[lang]["paired_bs"] = dict(out, baseline_sha256=hyps_digest([r["hypothesis"] for r in bs]),
+        scores[lang]["paired_bs"] = dict(out, baseline_sha256=hyps_digest([r["hypothesis"] for r in whole[lang]]),
                                          baseline_hyps=source)
     return scores
 
@@ -255,8 +256,8 @@ def common_segments(records, baseline, what, base_what):
 
 
 def read_baselines(args, entries):
-    """--baseline-hyps DIR_OR_FILE -> {mode: (file, the baseline's records)}, checked against the manifest entries before
-    any decoding. DIR: the baseline's evaluation folder, hyps.<mode>.jsonl for every --mode; FILE: the one
+    """--baseline-hyps DIR_OR_FILE -> {mode: (file, the baseline's records)}, checked against the manifest entries
+    before any decoding. DIR: the baseline's evaluation folder, hyps.<mode>.jsonl for every --mode; FILE: the one
     --mode's hypotheses."""
     if not args.baseline_hyps:
         return {}
@@ -919,7 +920,7 @@ def run(args):
         if mode in baselines:
             path, base = baselines[mode]
             add_paired(metrics["bleu"][mode], *common_segments(records, base, f"the {mode} hypotheses", path),
-                       args.tokenize, source=path)
+                       args.tokenize, source=path, whole_baseline=base)
         for lang, s in metrics["bleu"][mode].items():
             print(score_report(f"{mode.upper()} {lang}", s))
     if args.alignment:

@@ -684,7 +684,7 @@ def get_parser():
                    help="also train a linear CTC head on the frozen random encoder (the baseline; costs a second run)")
     g = p.add_argument_group("helpers of demo.sh (instead of building)")
     g.add_argument("--short-whisper", metavar="DST",
-                   help="write OUT/whisper with its input cut to the longest clip of --corpus into DST (short_whisper)")
+                   help="write OUT/whisper with the input cut to the longest clip of --corpus into DST (short_whisper)")
     g.add_argument("--layers", nargs=2, metavar=("LAYERS_JSON", "selected|all"),
                    help="print the selected layers of a layers.json (layer 0 if none) or all its layers, one line")
     return p

@@ -202,6 +202,7 @@ def test_no_program_text_in_demo_sh():
     with open(os.path.join(ROOT, "demo.sh")) as f:
         text = f.read()
     assert "<<" not in text  # no heredoc
-    snippets = re.findall(r"\$PY -c \"([^\"]*)\"", text)
+    variables = dict(re.findall(r"^(\w+)=\"([^\"]*)\"$", text, re.M))
+    snippets = [variables.get(s[1:], s) if s.startswith("$") else s for s in re.findall(r"\$PY -c \"([^\"]*)\"", text)]
     assert snippets and all(s.startswith("import ") for s in snippets), snippets
     assert len(re.findall(r"\$PY -c", text)) == len(snippets)
