@@ -580,6 +580,74 @@ def build(args):
     return summary
 
 
+# ----------------------------------------------------------------------------- helpers of demo.sh
+
+
+def short_whisper(src, dst, corpus):
+    """The Whisper checkpoint `src` with an input cut to the corpus' longest clip -> `dst`; -> summary dict.
+
+    A Whisper checkpoint takes a fixed 30 s input (3000 mel frames, WhisperEncoder insists), but the demo's clips are
+    under 4 s: at 30 s the frozen encoder, mostly on padding, is ~85% of every training step (measured: a step of 16
+    clips 1.2 s -> 0.2 s at 5 s). The same weights with a shorter input: the position embeddings cut to the longest
+    clip of every manifest in `corpus` (rounded up to whole seconds, with room for the last 17-frame Q-Former
+    window: a partial one is dropped), the feature extractor padding to that length. The real frames' log-mels are
+    unchanged (Whisper's normalisation depends on the clip's maximum, not on the padding, see load_mels) and
+    build_whisper trains the encoder on batch-padded clips, so only the amount of padding the encoder attends over
+    changes. A checkpoint that is already that short is linked as it is. Written to a temporary folder first and
+    renamed: an interrupted call leaves no half-written `dst`."""
+    import glob
+    import shutil
+    import soundfile as sf
+    from safetensors.torch import load_file, save_file
+    if os.path.lexists(dst):
+        raise FileExistsError(f"{dst} exists (delete it to rebuild it)")
+    manifests = [p for p in sorted(glob.glob(os.path.join(corpus, "*.jsonl"))) if not p.endswith("meta.jsonl")]
+    if not manifests:
+        raise FileNotFoundError(f"--corpus {corpus}: no manifest (*.jsonl) there")
+    longest = max(sf.info(e["audio"]).duration for p in manifests for e in data.read_manifest(p))
+    seconds = math.ceil(longest + 17 / 50)
+    frames = 50 * seconds  # encoder positions, 50 per second (1500 for 30 s)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    out = dict(src=src, dst=dst, longest=round(longest, 3), seconds=seconds, positions=frames)
+    if cfg["max_source_positions"] <= frames:  # already short: used as is
+        os.symlink(os.path.abspath(src), dst)
+        print(f"{src} takes {cfg['max_source_positions'] / 50:g} s: used as is ({dst} links to it)", flush=True)
+        return dict(out, seconds=cfg["max_source_positions"] / 50, positions=cfg["max_source_positions"], link=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    w = load_file(os.path.join(src, "model.safetensors"))
+    w["encoder.embed_positions.weight"] = w["encoder.embed_positions.weight"][:frames].contiguous()
+    save_file(w, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({**cfg, "max_source_positions": frames}, f, indent=2)
+    with open(os.path.join(src, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    pre.update(chunk_length=seconds, n_samples=16000 * seconds, nb_max_frames=100 * seconds)
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(pre, f, indent=2)
+    os.replace(tmp, dst)
+    print(f"longest clip {longest:.2f} s: Whisper input {seconds} s ({frames} positions) in {dst}", flush=True)
+    return dict(out, link=False)
+
+
+def stage2_layers(path, which="selected"):
+    """select_layers.py's layers.json -> the layers demo.sh aligns and measures: "selected" (an empty selection
+    gives [0], with a note: joint_train.py refuses an empty one and the paper always keeps the embedding layer) or
+    "all" (every layer with an MRR: 0 .. L)."""
+    with open(path) as f:
+        d = json.load(f)
+    if which == "all":
+        return sorted(int(l) for l in d["mrr"])
+    if which != "selected":
+        raise ValueError(f"which must be 'selected' or 'all', not {which!r}")
+    if not d["selected"]:
+        print(f"{path}: no layer above the threshold; aligning layer 0", file=sys.stderr, flush=True)
+        return [0]
+    return [int(l) for l in d["selected"]]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -614,11 +682,25 @@ def get_parser():
     g.add_argument("--ctc-unit", choices=["word", "char"], default="word")
     g.add_argument("--probe", action="store_true",
                    help="also train a linear CTC head on the frozen random encoder (the baseline; costs a second run)")
+    g = p.add_argument_group("helpers of demo.sh (instead of building)")
+    g.add_argument("--short-whisper", metavar="DST",
+                   help="write OUT/whisper with the input cut to the longest clip of --corpus into DST (short_whisper)")
+    g.add_argument("--layers", nargs=2, metavar=("LAYERS_JSON", "selected|all"),
+                   help="print the selected layers of a layers.json (layer 0 if none) or all its layers, one line")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    try:
+        if args.layers:
+            layers = stage2_layers(*args.layers)
+            print(*layers)
+            return layers
+        if args.short_whisper:
+            return short_whisper(os.path.join(args.out, "whisper"), args.short_whisper, args.corpus)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing or malformed input: one line, no traceback
+        raise SystemExit(f"backbones.py: error: {type(e).__name__}: {e}") from None
     for flag in ("lm_steps", "ctc_steps", "eval_utts"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")

@@ -26,6 +26,16 @@ def tiny_ckpts(tmp_path_factory):
     return {family: tiny.write_tiny_checkpoints(folder, family) for family in ("qwen2", "llama")}
 
 
+def have_speech():
+    """Whether demo/corpus.py can speak here (the eSpeak NG library and voices of espeakng-loader)."""
+    from demo import corpus
+    try:
+        corpus.get_backend("auto")
+        return True
+    except RuntimeError:
+        return False
+
+
 def make_batch(whisper_dir, seconds, instructions=None, targets=None, transcripts=None, seed=0):
     """A batch as data.Collator builds it, from random noise clips of the given durations (s)."""
     from transformers import WhisperFeatureExtractor

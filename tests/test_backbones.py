@@ -12,7 +12,7 @@ import torch
 
 import beats as beats_lib
 import data
-from conftest import TINY_QFORMER
+from conftest import TINY_QFORMER, have_speech
 from demo import backbones, corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,14 +22,6 @@ SMALL_CORPUS = ["--seed", "0", "--n-train", "40", "--n-dev", "8", "--n-test", "4
 SMALL_BUILD = ["--jobs", "1", "--threads", "1", "--eval-utts", "8", "--vocab-size", "800",
                "--lm-hidden", "64", "--lm-layers", "2", "--lm-steps", "40", "--lm-batch", "16", "--lm-warmup", "5",
                "--whisper-dim", "32", "--whisper-layers", "1", "--ctc-steps", "8", "--ctc-batch", "4"]
-
-
-def have_speech():
-    try:
-        corpus.get_backend("auto")
-        return True
-    except RuntimeError:
-        return False
 
 
 pytestmark = pytest.mark.skipif(not have_speech(), reason="no eSpeak NG: pip install espeakng-loader")
@@ -173,6 +165,53 @@ def test_short_mels_rebuild_the_30s_input_and_encoder(built, small_corpus):
     enc = WhisperModel.from_pretrained(os.path.join(out, "whisper")).encoder.eval()
     with torch.no_grad():
         assert torch.allclose(backbones.encode(enc, ref), enc(ref).last_hidden_state, atol=1e-5)
+
+
+def test_short_whisper_keeps_the_weights_and_the_real_frames(built, small_corpus, tmp_path):
+    """short_whisper (demo.sh's Whisper input): the backbone's weights with the position embeddings cut to the
+    longest clip of the corpus (+ one Q-Former window, whole seconds), the extractor padding to that length, the
+    log-mels of the real frames unchanged; written whole or not at all; an already short one is linked."""
+    import math
+    import numpy as np
+    import soundfile as sf
+    from transformers import WhisperFeatureExtractor, WhisperModel
+    out, _ = built
+    src, dst = os.path.join(out, "whisper"), str(tmp_path / "short")
+    info = backbones.short_whisper(src, dst, small_corpus)
+    longest = max(sf.info(e["audio"]).duration for name in os.listdir(small_corpus)
+                  if name.endswith(".jsonl") and name != "meta.jsonl"
+                  for e in data.read_manifest(os.path.join(small_corpus, name)))
+    assert info["seconds"] == math.ceil(longest + 17 / 50) < 30 and info["positions"] == 50 * info["seconds"]
+    assert os.listdir(tmp_path) == ["short"] and not info["link"]  # no temporary folder left behind
+    short, full = WhisperModel.from_pretrained(dst).state_dict(), WhisperModel.from_pretrained(src).state_dict()
+    assert short.keys() == full.keys()
+    for name, w in short.items():
+        ref = full[name][:info["positions"]] if name == "encoder.embed_positions.weight" else full[name]
+        assert torch.equal(w, ref), name
+    fe_short, fe_full = WhisperFeatureExtractor.from_pretrained(dst), WhisperFeatureExtractor.from_pretrained(src)
+    wav = data.load_audio(data.read_manifest(os.path.join(small_corpus, "st_zh_dev.jsonl"))[0]["audio"])[0]
+    a = fe_short(wav, sampling_rate=16000, return_tensors="np").input_features[0]
+    b = fe_full(wav, sampling_rate=16000, return_tensors="np").input_features[0]
+    assert a.shape == (80, 100 * info["seconds"]) and b.shape == (80, 3000)
+    real = len(wav) // 160 + 1  # the frames whose window sees the clip
+    np.testing.assert_allclose(a[:, :real], b[:, :real], atol=1e-6)  # same samples, same STFT, same normalisation
+    # short enough already: linked, not copied; an existing output is never overwritten
+    again = backbones.short_whisper(dst, str(tmp_path / "link"), small_corpus)
+    assert again["link"] and os.path.realpath(tmp_path / "link") == os.path.realpath(dst)
+    with pytest.raises(FileExistsError):
+        backbones.short_whisper(src, dst, small_corpus)
+
+
+def test_stage2_layers_for_demo_sh(tmp_path, capsys):
+    f = tmp_path / "layers.json"
+    f.write_text(json.dumps(dict(mrr={"0": 0.3, "1": 0.2, "2": 0.01, "10": 0.02}, selected=[0, 1])))
+    assert backbones.main(["--layers", str(f), "selected"]) == [0, 1]
+    assert backbones.main(["--layers", str(f), "all"]) == [0, 1, 2, 10]  # numeric order
+    assert capsys.readouterr().out == "0 1\n0 1 2 10\n"
+    f.write_text(json.dumps(dict(mrr={"0": 0.01}, selected=[])))
+    assert backbones.stage2_layers(str(f)) == [0]  # none above the threshold: the embedding layer
+    with pytest.raises(SystemExit, match="backbones.py: error: .*nothing.json"):
+        backbones.main(["--layers", str(tmp_path / "nothing.json"), "selected"])
 
 
 def test_units_and_error_rates():

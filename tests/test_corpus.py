@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import have_speech
 from demo import corpus
 from demo.corpus import NP, Sentence, render
 
@@ -22,14 +23,6 @@ CONTRACT_KEYS = {"asr": {"id", "audio", "task", "text"}, "aac": {"id", "audio", 
                  "st": {"id", "audio", "task", "text", "translation", "tgt_lang"}}
 ZH_MEASURE_WORDS = {row[3] for row in corpus.NOUNS.values()}
 JA_COUNTERS = {row[5] for row in corpus.NOUNS.values()}
-
-
-def have_speech():
-    try:
-        corpus.get_backend("auto")
-        return True
-    except RuntimeError:
-        return False
 
 
 needs_speech = pytest.mark.skipif(not have_speech(), reason="no eSpeak NG: pip install espeakng-loader")

@@ -132,6 +132,17 @@ def test_evaluation_metrics(demo, run):
     assert [int(l) for l in a["log_w"]] == selected
     assert all(finite_number(v) for v in a["log_w"].values())
     assert finite_number(a["mean"]) and finite_number(a["mismatched_mean"])
+    for mode in ("st", "mt"):  # chrF beside BLEU; AI-STA's paired bootstrap against the base run's hypotheses
+        s = m["bleu"][mode]["zh"]
+        assert finite_number(s["chrf"]) and 0 <= s["chrf"] <= 100 and "nc:6|nw:0" in s["chrf_signature"]
+        if run == "eval_aista":
+            bs = s["paired_bs"]
+            with open(os.path.join(out, "eval_base", "metrics.json")) as f:
+                base = json.load(f)["bleu"][mode]["zh"]
+            assert bs["baseline_sha256"] == base["sha256"] and bs["baseline"]["bleu"]["score"] == base["score"]
+            assert bs["bleu"]["score"] == s["score"] and bs["n_samples"] == 1000 and bs["seed"] == 12345
+            assert 1 / 1001 <= bs["bleu"]["p"] <= 1 and 1 / 1001 <= bs["chrf"]["p"] <= 1
+    assert m["train"]["seed"] == 0
 
 
 def test_figures_are_pngs(demo):
@@ -139,13 +150,27 @@ def test_figures_are_pngs(demo):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.image
-    for name in ("fig4_mrr_per_layer.png", "fig5_tsne.png", os.path.join("stage2", "mrr_per_layer.png")):
+    import evaluate as E
+    shapes = {}
+    for name in ("fig4_mrr_per_layer.png", "fig5_tsne.png", "fig6_bleu_vs_alignment.png",
+                 os.path.join("stage2", "mrr_per_layer.png")):
         path = os.path.join(out, name)
         with open(path, "rb") as f:
             assert f.read(8) == PNG_SIGNATURE, name
         img = matplotlib.image.imread(path)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, (name, img.shape)
         assert img.std() > 0  # not a blank canvas
+        shapes[name] = img.shape[:2]
+    # Figure 5: two panels side by side (base | AI-STA)
+    assert shapes["fig5_tsne.png"] == (E.FIG_INCHES[1] * E.FIG_DPI, 2 * E.FIG_INCHES[0] * E.FIG_DPI)
+    with open(os.path.join(out, "eval_aista", "metrics.json")) as f:
+        assert json.load(f)["tsne"]["panels"] == ["base (CE only)", "AI-STA (OT, selected layers "
+                                                  + " ".join(map(str, _selected(out))) + ")"]
+
+
+def _selected(out):
+    with open(os.path.join(out, "stage2", "layers.json")) as f:
+        return json.load(f)["selected"] or [0]
 
 
 def test_printed_commands_and_table(demo):
@@ -156,13 +181,28 @@ def test_printed_commands_and_table(demo):
     assert "--align none" in stdout and "--align ot" in stdout
     with open(os.path.join(out, "table.md")) as f:
         table = f.read()
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0].split("|")[2].strip() == "ST zh" and "MT zh" in rows[0]
-    assert rows[1].startswith("| base") and rows[2].startswith("| AI-STA")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0][:6] == ["Model", "ST zh", "ST zh chrF", "ST zh p", "MT zh", "MT zh chrF"], rows[0]
+    assert rows[1][0] == "base (CE only)" and rows[2][0].startswith("AI-STA")
     for row in rows[1:]:
-        st = row.split("|")[2].strip()
-        assert finite_number(float(st)), row
+        assert finite_number(float(row[1])) and finite_number(float(row[2])), row
+    # AI-STA's p-value against the base run (seed 0), as its metrics.json holds it
+    with open(os.path.join(out, "eval_aista", "metrics.json")) as f:
+        p = json.load(f)["bleu"]["st"]["zh"]["paired_bs"]["bleu"]["p"]
+    assert rows[1][3] == "" and rows[2][3] == f"{p:.3f}"
     assert table in stdout
+    assert "| Layer | MRR | selected |" in stdout  # Figure 4 as a table (evaluate.py --mrr)
     with open(os.path.join(out, "timing.txt")) as f:
         timing = f.read()
     assert re.search(r"total\s+\d+ s", timing)
+
+
+def test_no_program_text_in_demo_sh():
+    """demo.sh runs the project's scripts; its only Python snippets are import checks (the install guard)."""
+    with open(os.path.join(ROOT, "demo.sh")) as f:
+        text = f.read()
+    assert "<<" not in text  # no heredoc
+    variables = dict(re.findall(r"^(\w+)=\"([^\"]*)\"$", text, re.M))
+    snippets = [variables.get(s[1:], s) if s.startswith("$") else s for s in re.findall(r"\$PY -c \"([^\"]*)\"", text)]
+    assert snippets and all(s.startswith("import ") for s in snippets), snippets
+    assert len(re.findall(r"\$PY -c", text)) == len(snippets)

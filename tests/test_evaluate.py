@@ -4,6 +4,7 @@ greedy and beam, 1 vs 2 processes), zero-shot MT without audio, alignment degree
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,21 @@ def trained(tiny_ckpts, tmp_path_factory):
         path = str(tmp_path_factory.mktemp(f"ckpt_{family}") / "best.safetensors")
         lsm.save_trainable(path)
         out[family] = (path, lsm)
+    # another "training run" of the qwen2 model (other trained weights): a baseline for the paired tests, Figure 5
+    lsm = M.LSM(p["whisper"], tiny_ckpts["qwen2"]["llm"], p["beats"], llm_dtype="float32", verbose=False,
+                **TINY_QFORMER).eval()
+    _perturb(lsm, seed=2)
+    path = str(tmp_path_factory.mktemp("ckpt_qwen2_b") / "best.safetensors")
+    lsm.save_trainable(path)
+    out["qwen2_b"] = (path, lsm)
+    # far from its init: ST hypotheses that differ between clips (the small perturbations give one constant string)
+    p = tiny_ckpts["llama"]
+    torch.manual_seed(0)
+    lsm = M.LSM(p["whisper"], p["llm"], p["beats"], llm_dtype="float32", verbose=False, **TINY_QFORMER).eval()
+    _perturb(lsm, scale=1.0)
+    path = str(tmp_path_factory.mktemp("ckpt_llama_loud") / "best.safetensors")
+    lsm.save_trainable(path)
+    out["llama_loud"] = (path, lsm)
     return out
 
 
@@ -124,16 +140,104 @@ def test_bleu_equals_sacrebleu_command_line(tmp_path, capsys, lang, refs, hyps, 
                          encoding="utf-8")
     E.main(["--hyps", str(hyps_file)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"bleu", "signature"} and f"tok:{tok}" in last["signature"]
-    assert 10 < last["bleu"] < 90  # a real score, not a degenerate 0 or 100
+    assert set(last) == {"bleu", "chrf", "signature", "chrf_signature"} and f"tok:{tok}" in last["signature"]
+    assert last["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+    assert 10 < last["bleu"] < 90 and 10 < last["chrf"] < 90  # real scores, not a degenerate 0 or 100
     ref, hyp = str(tmp_path / "ref.txt"), str(tmp_path / "hyp.txt")
     assert _sacrebleu_cli(ref, "-i", hyp, "-tok", tok, "-b") == f"{last['bleu']:.1f}"
-    assert float(_sacrebleu_cli(ref, "-i", hyp, "-tok", tok, "-b", "-w", "6")) == pytest.approx(last["bleu"], abs=1e-6)
+    # -w 6: the command line rounds to 6 decimals, so the scores agree to 5e-7
+    assert float(_sacrebleu_cli(ref, "-i", hyp, "-tok", tok, "-b", "-w", "6")) == pytest.approx(last["bleu"], abs=5e-7)
+    assert float(_sacrebleu_cli(ref, "-i", hyp, "-m", "chrf", "-b", "-w", "6")) == pytest.approx(last["chrf"], abs=5e-7)
     # the same file with the language only on the command line
     hyps_file.write_text("".join(json.dumps(dict(reference=r, hypothesis=h), ensure_ascii=False) + "\n"
                                  for r, h in zip(refs, hyps)), encoding="utf-8")
     E.main(["--hyps", str(hyps_file), "--tgt-lang", lang])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == last
+
+
+def _noisy(refs, rng, p):
+    """Each reference with each character dropped with probability p, or doubled with probability p / 2."""
+    out = []
+    for r in refs:
+        chars = []
+        for c in r:
+            u = rng.random()
+            chars += [] if u < p else [c, c] if u < 1.5 * p else [c]
+        out.append("".join(chars))
+    return out
+
+
+def _write_hyps(path, refs, hyps, lang, ids=None):
+    path.write_text("".join(json.dumps(dict(id=ids[i] if ids else f"s{i}", reference=r, hypothesis=h, tgt_lang=lang),
+                                       ensure_ascii=False) + "\n" for i, (r, h) in enumerate(zip(refs, hyps))),
+                    encoding="utf-8")
+
+
+PAIRED_ROW = re.compile(r"(\d+\.\d+) \((\d+\.\d+) ± (\d+\.\d+)\)")
+
+
+@pytest.mark.parametrize("lang,tok,p_base,p_sys", [("zh", "zh", 0.10, 0.10), ("zh", "zh", 0.3, 0.05),
+                                                  ("ja", "ja-mecab", 0.10, 0.10)])
+def test_paired_bootstrap_equals_sacrebleu_command_line(tmp_path, capsys, lang, tok, p_base, p_sys):
+    """--hyps SYS --baseline BASE gives what `sacrebleu REF -i BASE SYS --paired-bs -m bleu chrf -tok TOK` prints,
+    on systems close together (p well inside (0, 1)) and far apart (p at its floor 1/1001)."""
+    import random
+    rng = random.Random(f"{lang}{p_base}")
+    refs = [rng.choice(ZH_REFS if lang == "zh" else JA_REFS) for _ in range(40)]
+    base, hyps = _noisy(refs, rng, p_base), _noisy(refs, rng, p_sys)
+    for name, lines in (("ref", refs), ("base", base), ("sys", hyps)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_hyps(tmp_path / "base.jsonl", refs, base, lang)
+    _write_hyps(tmp_path / "sys.jsonl", refs, hyps, lang)
+    E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "base.jsonl")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"bleu", "chrf", "signature", "chrf_signature", "paired_bs"}
+    assert set(out["paired_bs"]) == {"bleu", "chrf"} and all(set(v) == {"mean", "ci", "p"}
+                                                             for v in out["paired_bs"].values())
+    text = _sacrebleu_cli(str(tmp_path / "ref.txt"), "-i", str(tmp_path / "base.txt"), str(tmp_path / "sys.txt"),
+                          "--paired-bs", "-m", "bleu", "chrf", "-tok", tok, "-f", "text", "-w", "4")
+    rows = PAIRED_ROW.findall(text)  # baseline BLEU, baseline chrF, system BLEU, system chrF
+    pvalues = [float(p) for p in re.findall(r"p = (\d\.\d+)", text)]
+    assert len(rows) == 4 and len(pvalues) == 2, text
+    # the command line prints 4 decimals: agreement to 5e-5
+    for key, (score, mean, ci), p in zip(("bleu", "chrf"), rows[2:], pvalues):
+        assert float(score) == pytest.approx(out[key], abs=5e-5)
+        assert float(mean) == pytest.approx(out["paired_bs"][key]["mean"], abs=5e-5)
+        assert float(ci) == pytest.approx(out["paired_bs"][key]["ci"], abs=5e-5)
+        assert p == pytest.approx(out["paired_bs"][key]["p"], abs=5e-5)
+    if p_base == 0.3:
+        assert out["paired_bs"]["bleu"]["p"] == pytest.approx(1 / 1001)  # (0 + 1) / (1000 + 1): far apart
+        # identical systems: SacreBLEU's p is its floor too (no resampled difference exceeds 0); recorded as such
+        E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "sys.jsonl")])
+        printed = capsys.readouterr().out
+        assert json.loads(printed.strip().splitlines()[-1])["paired_bs"]["bleu"]["p"] == pytest.approx(1 / 1001)
+        assert "the same hypotheses (SacreBLEU's p is then 1/1001; there is no difference)" in printed
+        (tmp_path / "sys2.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")  # it wants two file names
+        same = _sacrebleu_cli(str(tmp_path / "ref.txt"), "-i", str(tmp_path / "sys.txt"), str(tmp_path / "sys2.txt"),
+                              "--paired-bs", "-m", "bleu", "-tok", tok, "-f", "text", "-w", "4")
+        assert "p = 0.0010" in same
+    else:
+        assert 0.01 < out["paired_bs"]["bleu"]["p"] < 0.99, out  # close together: a p that means something
+    assert "bs:1000|seed:12345" in text and f"tok:{tok}" in out["signature"]
+
+
+def test_paired_test_needs_the_same_references_in_the_same_order(tmp_path):
+    refs = ["今天天气很好。", "我们明天去北京。", "他没有来。", "一二三四"]
+    _write_hyps(tmp_path / "sys.jsonl", refs, refs, "zh")
+    cases = [  # (baseline references, ids, the message)
+        ([refs[0], refs[2], refs[1], refs[3]], None, r"sys.jsonl: line 2 and \S*base.jsonl: line 2 have different "
+                                                     r"references \('我们明天去北京。' vs '他没有来。'\)"),
+        (refs[:3], None, r"sys.jsonl has 4 segments but \S*base.jsonl has 3 \(the first 3 agree\)"),
+        (refs, ["s0", "s1", "x2", "s3"], r"sys.jsonl: line 3 has id 's2' but \S*base.jsonl: line 3 has id 'x2'")]
+    for base_refs, ids, message in cases:
+        _write_hyps(tmp_path / "base.jsonl", base_refs, base_refs, "zh", ids)
+        with pytest.raises(E.EvalError, match=message):
+            E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "base.jsonl")])
+    _write_hyps(tmp_path / "base.jsonl", refs, refs, "ja")
+    with pytest.raises(E.EvalError, match="target language 'zh' but .* has 'ja'"):
+        E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "base.jsonl")])
+    with pytest.raises(SystemExit):  # argparse: --baseline belongs to --hyps
+        E.main(["--table", str(tmp_path / "m.json"), "--baseline", str(tmp_path / "base.jsonl")])
 
 
 def test_tokenizer_by_language():
@@ -195,6 +299,65 @@ def test_decode_manifest(trained, manifest, tmp_path, family, beams):
     assert saved["bleu"]["st"]["zh"]["score"] == pytest.approx(bleu.score)
     assert "tok:zh" in saved["bleu"]["st"]["zh"]["signature"] and saved["bleu"]["st"]["zh"]["n"] == 3
     assert saved["args"]["num_beams"] == beams and metrics["n"] == 3
+
+
+@pytest.mark.parametrize("family,beams", [("qwen2", 1), ("qwen2", 2), ("llama_loud", 1), ("llama_loud", 2)])
+def test_hypotheses_do_not_depend_on_the_batch_size(trained, manifest, tmp_path, family, beams):
+    """ST and MT, greedy and beam: batches of 1 and batches of 4 (+ 1) give the same hypotheses (left padding,
+    position ids and beam bookkeeping do not leak across the items of a batch)."""
+    ckpt, _ = trained[family]
+    hyps = []
+    for batch in (1, 4):
+        E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "st", "mt", "--num-beams", str(beams),
+                "--max-new-tokens", "6", "--batch-size", str(batch), "--num-workers", "0",
+                "--output-dir", str(tmp_path / f"b{batch}")])
+        hyps.append({mode: [h["hypothesis"] for h in read_jsonl(tmp_path / f"b{batch}" / f"hyps.{mode}.jsonl")]
+                     for mode in ("st", "mt")})
+    assert hyps[0] == hyps[1]
+    # outputs that depend on the input (a constant string would hide a mix-up between the items of a batch)
+    assert len(set(hyps[0]["mt"])) == 5 and (family != "llama_loud" or len(set(hyps[0]["st"])) == 5), hyps[0]
+
+
+def test_manifest_evaluation_records_the_paired_bootstrap(trained, manifest, tmp_path, capsys, monkeypatch):
+    """--baseline-hyps: metrics.json holds, per mode, the paired bootstrap of --hyps SYS --baseline BASE on the two
+    runs' files, and --table shows its p-value in the system's row."""
+    common = ["--manifest", manifest, "--mode", "st", "mt", "--num-beams", "1"] + FAST
+    base, sys_ = tmp_path / "base", tmp_path / "sys"
+    E.main(["--ckpt", trained["qwen2_b"][0], *common, "--output-dir", str(base), "--name", "base"])
+    E.main(["--ckpt", trained["qwen2"][0], *common, "--output-dir", str(sys_), "--name", "AI-STA",
+            "--baseline-hyps", str(base)])
+    capsys.readouterr()
+    saved = json.loads((sys_ / "metrics.json").read_text(encoding="utf-8"))
+    base_saved = json.loads((base / "metrics.json").read_text(encoding="utf-8"))
+    for mode in ("st", "mt"):
+        sc = saved["bleu"][mode]["zh"]
+        E.main(["--hyps", str(sys_ / f"hyps.{mode}.jsonl"), "--baseline", str(base / f"hyps.{mode}.jsonl")])
+        expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert sc["score"] == expected["bleu"] and sc["chrf"] == expected["chrf"]
+        for key in ("bleu", "chrf"):
+            assert {k: sc["paired_bs"][key][k] for k in ("mean", "ci", "p")} == expected["paired_bs"][key]
+        assert sc["paired_bs"]["baseline_sha256"] == base_saved["bleu"][mode]["zh"]["sha256"]
+        assert sc["paired_bs"]["baseline_hyps"] == str(base / f"hyps.{mode}.jsonl")
+    E.main(["--table", str(base / "metrics.json"), str(sys_ / "metrics.json")])
+    cells = _cells(capsys.readouterr().out.strip())
+    assert cells[0][:4] == ["Model", "ST zh", "ST zh chrF", "ST zh p"]
+    assert cells[3][0] == "AI-STA" and cells[3][3] == f"{saved['bleu']['st']['zh']['paired_bs']['bleu']['p']:.3f}"
+    assert cells[2][3] == ""  # the baseline row has no p-value
+    # a baseline of other segments, or a file for two modes: refused before any model is loaded
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded before the baseline check"))
+    lines = (base / "hyps.st.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "reordered.jsonl").write_text("".join(lines[1:] + lines[:1]), encoding="utf-8")
+    with pytest.raises(E.EvalError, match=r"reordered.jsonl: line 1: id 'u1' is out of the order of \S*test.jsonl"):
+        E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--limit", "3",
+                "--baseline-hyps", str(tmp_path / "reordered.jsonl")])
+    (tmp_path / "other.jsonl").write_text(lines[0].replace("你好世界", "你好") + "".join(lines[1:]), encoding="utf-8")
+    with pytest.raises(E.EvalError, match=r"test.jsonl: line 1 and \S*other.jsonl: line 1 have different references"):
+        E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--baseline-hyps", str(tmp_path / "other.jsonl")])
+    with pytest.raises(E.EvalError, match=r"a file holds one mode's hypotheses; for --mode st mt give the baseline's"):
+        E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base / "hyps.st.jsonl")])
+    with pytest.raises(E.EvalError, match=r"hyps.mt.jsonl not found"):
+        (base / "hyps.mt.jsonl").unlink()
+        E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base)])
 
 
 def _free_port():
@@ -354,6 +517,39 @@ def test_alignment_and_tsne_on_the_tiny_model(trained, manifest, tmp_path):
     assert metrics["tsne"]["num_pairs"] == 4
 
 
+def test_figure5_two_panels_from_two_checkpoints(trained, manifest, tmp_path, monkeypatch):
+    """--tsne with --tsne-base: one PNG, the base model's panel then the --ckpt model's, each from the same seeded
+    test pairs, with the same t-SNE settings."""
+    import random
+    import matplotlib.image
+    (ckpt, lsm), (base_ckpt, base_lsm) = trained["qwen2"], trained["qwen2_b"]
+    drawn, real = [], E.tsne_panels
+    monkeypatch.setattr(E, "tsne_panels", lambda panels, path, seed=0: drawn.append(panels) or real(panels, path, seed))
+    png = tmp_path / "fig5.png"
+    metrics = E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "none", "--tsne", str(png), "--name", "AI-STA",
+                      "--tsne-base", base_ckpt, "--tsne-base-name", "base (CE only)", "--num-pairs", "4",
+                      "--batch-size", "4", "--num-workers", "0", "--output-dir", str(tmp_path / "out")])
+    (panels,) = drawn
+    assert [p[0] for p in panels] == ["base (CE only)", "AI-STA"] == metrics["tsne"]["panels"]
+    batch = speech_batch(lsm, manifest, random.Random(0).sample(range(5), 4))  # the pairs --seed 0 samples
+    with torch.no_grad():
+        for (_, speech, text), model in zip(panels, (base_lsm, lsm)):
+            out = model.speech_forward(batch, [0])
+            t, tmask = model.text_forward(batch["transcripts"], batch["instructions"], [0])
+            np.testing.assert_allclose(speech, E.length_mean(out["hidden"][0], out["speech_mask"]).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(text, E.length_mean(t[0], tmask).numpy(), rtol=1e-5)
+    # layer-0 text states are the frozen LLM's token embeddings: the same in both models; the speech side is not
+    np.testing.assert_array_equal(panels[0][2], panels[1][2])
+    assert np.abs(panels[0][1] - panels[1][1]).max() > 1e-3
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (round(E.FIG_INCHES[1] * E.FIG_DPI), round(2 * E.FIG_INCHES[0] * E.FIG_DPI))
+    # the same settings in every panel: the same states give the same picture
+    xy = E.tsne_panels([("a", panels[1][1], panels[1][2]), ("b", panels[1][1], panels[1][2])], str(tmp_path / "s.png"))
+    np.testing.assert_array_equal(xy[0], xy[1])
+    with pytest.raises(SystemExit):  # argparse: --tsne-base needs --tsne
+        E.main(["--ckpt", ckpt, "--manifest", manifest, "--tsne-base", base_ckpt])
+
+
 def test_tsne_separates_planted_modalities(tmp_path):
     pytest.importorskip("sklearn")
     rng = np.random.default_rng(0)
@@ -390,6 +586,122 @@ def test_summary_table_in_the_form_of_the_papers_tables(tmp_path, capsys):
             json.dump(m, f)
     E.main(["--table", *paths])
     assert capsys.readouterr().out.splitlines() == table
+
+
+def _run(name, seed, st, chrf=None, sha=None, against=None, p=None, align=None, layers=(0,)):
+    """A metrics.json as evaluate.py writes it (the fields --table and --fig6 read)."""
+    sc = dict(score=st, signature="tok:zh", n=10)
+    if chrf is not None:
+        sc.update(chrf=chrf, chrf_signature="nc:6")
+    if sha is not None:
+        sc["sha256"] = sha
+    if against is not None:
+        sc["paired_bs"] = dict(bleu=dict(mean=st, ci=1.0, p=p), chrf=dict(mean=chrf, ci=1.0, p=p),
+                               baseline_sha256=against)
+    m = dict(name=name, train=dict(seed=seed), bleu={"st": {"zh": sc}})
+    if align is not None:
+        m["alignment"] = dict(layers=list(layers), log_w={str(l): align for l in layers}, mean=align,
+                              mismatched_mean=align + 1)
+    return m
+
+
+def _cells(table):
+    return [[c.strip() for c in row.strip("|").split("|")] for row in table.splitlines()]
+
+
+def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
+    base = [_run("base", k, st, 50 + k, sha=f"b{k}", align=5.0 + k / 10) for k, st in enumerate([30, 32, 34, 31, 33])]
+    sta = [_run("AI-STA", k, st, 60, f"a{k}", f"b{k}", p, align=4.0)
+           for k, (st, p) in enumerate([(35, 0.001), (36, 0.02), (40, 0.3)])]
+    swapped = [_run("swapped", 0, 30, 50, "w0", "b1", 0.01), _run("swapped", 1, 30, 50, "w1", "b0", 0.01)]
+    partial = [_run("partial", 0, 30, 50, "q0", "b0", 0.04), _run("partial", 1, 31, 50, "q1")]
+    many = [_run("many", k, 30, 50, f"m{k}", f"b{k}", p) for k, p in enumerate([0.01, 0.2, 0.03, 0.04, 0.5])]
+    other = [_run("vs another baseline", 0, 30, 50, "o0", "not-a-base-run", 0.01)]
+    same = [_run("same as base", 0, 30, 50, "b0", "b0", 1 / 1001), _run("same as base", 1, 31, 50, "s1", "b1", 0.5)]
+    cells = _cells(E.summary_table(base + sta + swapped + partial + many + other + same))
+    assert cells[0] == ["Model", "seeds", "ST zh", "ST zh chrF", "ST zh p", "log W L0", "log W mean", "mismatched"]
+    rows = {r[0]: r[1:] for r in cells[2:]}
+    # by hand: mean 32, sample sd sqrt(10 / 4) = 1.58; chrF 50..54 -> 52 ± 1.58; log W 5.0..5.4 -> 5.2 ± 0.158
+    assert rows["base"] == ["5", "32.0 ± 1.6", "52.0 ± 1.6", "", "5.200 ± 0.158", "5.200 ± 0.158", "6.200 ± 0.158"]
+    # 35, 36, 40: mean 37, sd sqrt((4 + 1 + 9) / 2) = 2.65; each seed's p against the same-seed base run
+    assert rows["AI-STA"] == ["3", "37.0 ± 2.6", "60.0 ± 0.0", "0.001, 0.020, 0.300", "4.000 ± 0.000",
+                              "4.000 ± 0.000", "5.000 ± 0.000"]
+    assert rows["swapped"][3] == "-"  # against base runs of other seeds: no same-seed p-value
+    assert rows["partial"][3] == "0.040 (1 of 2 seeds)"
+    assert rows["many"][3] == "median 0.040, 3/5 < 0.05"
+    assert rows["vs another baseline"][3] == "-"  # its baseline is not a run of the first system
+    assert rows["many"][4:] == ["-", "-", "-"]
+    # hypotheses identical to the baseline's: no difference, whatever SacreBLEU's p (its floor, 1/1001) says
+    assert rows["same as base"][3] == "same, 0.500"
+    assert E.p_cell([None, 0.01, 0.02, 0.5], 4) == "median 0.260, 2/4 < 0.05"  # "same" counts as p = 1
+    # the same from files, through the command line
+    paths = []
+    for i, m in enumerate(base + sta):
+        paths.append(str(tmp_path / f"m{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(m, f)
+    E.main(["--table", *paths])
+    assert capsys.readouterr().out.strip() == E.summary_table(base + sta)
+    # the first system is the baseline of the p-values: the other order shows none
+    assert "ST zh p" not in E.summary_table(sta + base).splitlines()[0]
+
+
+def test_malformed_metrics_files_are_named_without_a_traceback(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_run("base", 0, 30.0)))
+    bad = tmp_path / "bad.json"
+    for body, message in [("{oops", r"bad.json: not a metrics file: invalid JSON at line 1"),
+                          ("[1, 2]", r"bad.json: not a metrics file: a JSON list, not an object"),
+                          (json.dumps({"bleu": []}), r'bad.json: "bleu" must be an object'),
+                          (json.dumps({"bleu": {"st": {"zh": {"score": "high"}}}}),
+                           r"""bad.json: "bleu" -> 'st' -> 'zh' -> 'score' must be a number, got 'high'"""),
+                          (json.dumps({"alignment": {"layers": [0], "log_w": {"0": [1]}, "mean": 1}}),
+                           r"""bad.json: "alignment" -> "log_w" -> '0' must be a number"""),
+                          (json.dumps({"name": 3}), r'bad.json: "name" must be a string')]:
+        bad.write_text(body)
+        with pytest.raises(E.EvalError, match=message):
+            E.main(["--table", str(good), str(bad)])
+    # a bare NaN (files of older versions) reads as a missing value
+    bad.write_text('{"name": "nan run", "bleu": {"st": {"zh": {"score": NaN}}}}')
+    assert _cells(E.summary_table([E.read_metrics(str(bad))]))[2] == ["nan run", "-"]
+    # the command line: one line naming the file, no traceback; a missing file likewise
+    bad.write_text('{"bleu": {"st": {"zh": {"score": "high"}}}}')
+    for missing in (str(bad), str(tmp_path / "missing.json")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--table", str(good), missing],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("evaluate.py: error: ") and os.path.basename(missing) in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_figure6_one_point_per_system_mean_over_seeds(tmp_path):
+    import matplotlib.image
+    runs = [_run("base", k, 30 + k, align=5 + k) for k in range(3)] + \
+        [_run("AI-STA", k, 36 + 2 * k, align=3.0) for k in range(2)] + [_run("CTC", 0, 28, align=6.5)]
+    paths = [f"m{i}.json" for i in range(len(runs))]
+    png = tmp_path / "fig6.png"
+    points = E.figure6(runs, paths, str(png))
+    assert points == [("base", 6.0, 31.0, 3), ("AI-STA", 3.0, 37.0, 2), ("CTC", 6.5, 28.0, 1)]
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (round(E.FIG6_INCHES[1] * E.FIG_DPI), round(E.FIG6_INCHES[0] * E.FIG_DPI))
+    assert img[..., :3].std() > 0.01
+    # one degree across runs: the same layers everywhere, and every run measured
+    with pytest.raises(E.EvalError, match=r"m1.json: alignment measured at layers \[0, 1\], m0.json at \[0\]"):
+        E.figure6([runs[0], _run("x", 0, 30, align=4, layers=(0, 1))], paths, str(png))
+    with pytest.raises(E.EvalError, match=r"m1.json: no alignment degree"):
+        E.figure6([runs[0], _run("x", 0, 30)], paths, str(png))
+
+
+def test_mrr_table_is_figure_4(tmp_path, capsys):
+    f = tmp_path / "layers.json"
+    f.write_text(json.dumps(dict(mrr={"0": 0.5, "1": 0.25, "2": 0.01}, selected=[0, 1], threshold=0.05, num_pairs=4)))
+    E.main(["--mrr", str(f)])
+    out = capsys.readouterr().out
+    assert "| 0 | 0.5000 | yes |" in out and "| 2 | 0.0100 |  |" in out
+    assert "chance level MRR = H_n / n = 0.5208" in out  # (1 + 1/2 + 1/3 + 1/4) / 4
+    f.write_text(json.dumps(dict(selected=[0])))
+    with pytest.raises(E.EvalError, match="layers.json: not select_layers.py's layers.json"):
+        E.main(["--mrr", str(f)])
 
 
 def test_help_shows_the_defaults():
