@@ -2,6 +2,7 @@
 steps, early stopping, atomic checkpoints on a toy objective; end to end, CE falling, kill-and-resume and
 torchrun (2 processes, gloo) on the tiny checkpoints (CPU, float32)."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -229,43 +230,118 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_too_many_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path):
+    """Issue 11.5: no checkpoint is written during a streak of non-finite steps, so the checkpoint the stop message
+    names is one from before the streak (a checkpoint every step: steps 0 and 1 good, 2-4 non-finite)."""
     toy = Toy(nan_calls={2, 3, 4})
-    with pytest.raises(FloatingPointError, match=r"3 non-finite steps in a row .*checkpoint.pt \(step 3\)"):
-        train.train(toy_args(tmp_path, "--max-bad-steps", "3", "--save-every", "3"), toy, toy_data(), collate)
-    # written after step 3 (steps 2 and 3 were skipped): the weights of the last good update, untouched since
+    with pytest.raises(FloatingPointError, match=r"3 non-finite steps in a row .*written before these steps: "
+                                                 r".*checkpoint.pt \(step 2\)"):
+        train.train(toy_args(tmp_path, "--max-bad-steps", "3", "--save-every", "1"), toy, toy_data(), collate)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ck["state"]["step"] == 3 and torch.equal(ck["model"]["lin.weight"], toy.seen[2])
+    assert ck["state"]["step"] == 2 and ck["state"]["bad_in_row"] == 0  # written after the last good step
+    assert torch.equal(ck["model"]["lin.weight"], toy.seen[2])  # the weights after the last good update
     assert torch.equal(toy.lin.weight.detach(), toy.seen[2]) and len(toy.seen) == 5
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
-def test_micro_batch_without_readable_audio_is_replaced_with_weight_zero(tmp_path):
-    """--skip-bad: the Collator returns None when every clip of a micro-batch failed. That micro-batch is replaced by
-    the previous one with weight 0 (every rank keeps running the same collectives): the step's gradient is the
-    other micro-batch's alone, at its usual weight 1/k."""
-    args = toy_args(tmp_path, "--per-device-batch-size", "2", "--max-steps", "2", "--lr", "0.1", "--warmup-steps", "0")
-    order = train.epoch_order([16], [1.0], 16, args.seed, 0)
-    bad = set(order[6:8])  # step 1, second micro-batch
+def test_a_checkpoint_due_in_a_streak_waits_for_a_finite_step(tmp_path):
+    """A streak shorter than --max-bad-steps: the checkpoint due at step 4 (inside the streak) is written after the
+    next finite step instead, and the run resumes from there."""
+    toy = Toy(nan_calls={3, 4})
+    end = train.train(toy_args(tmp_path, "--max-bad-steps", "3", "--save-every", "4", "--max-steps", "7"), toy,
+                      toy_data(), collate)
+    assert end["step"] == 7 and end["bad_steps"] == 2
+    saved = [r for r in metrics(tmp_path) if r.get("event") == "end"]
+    assert saved and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 7
+    toy2 = Toy(nan_calls={3, 4})
+    out = tmp_path / "b"
+    train.train(toy_args(out, "--max-bad-steps", "3", "--save-every", "4", "--max-steps", "7",
+                         "--stop-after-steps", "6"), toy2, toy_data(), collate)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 6  # 4 was due, 5 still bad
+
+
+def bad_items(bad):
+    """toy_data with the items `bad` unreadable, and a collate that drops them as data.Collator does."""
     items = [dict(item, bad=i in bad) for i, item in enumerate(toy_data())]
 
     def skip_bad(batch):
         good = [x for x in batch if not x["bad"]]
-        return collate(good) if good else None
+        counts = {"bad_audio": len(batch) - len(good), "truncated": 0}
+        return dict(collate(good), ids=[0] * len(good), counts=counts) if good else dict(ids=[], counts=counts)
+    return items, skip_bad
 
-    class Recorder(Toy):
-        def forward(self, batch):
-            self.log = getattr(self, "log", []) + [(batch, {k: v.clone() for k, v in self.state_dict().items()})]
-            return super().forward(batch)
+
+class Recorder(Toy):
+    """Toy that records each forward's batch and the state before it."""
+
+    def forward(self, batch):
+        self.log = getattr(self, "log", []) + [(batch, copy.deepcopy(self.state_dict()))]
+        return super().forward(batch)
+
+
+def test_unreadable_items_cost_only_their_absence(tmp_path):
+    """Issue 11.3. Global batch 4 = 1 item x 4 micro-batches: the first micro-batch of the run is unreadable (the old
+    loop stopped: 'the first micro-batch has no readable audio'), later a whole micro-batch, and one step has no
+    readable item at all. A step's gradient is the mean over its readable micro-batches (by hand below), the
+    logged loss is this step's, and a step with nothing readable leaves the weights and Adam's state untouched."""
+    args = toy_args(tmp_path, "--per-device-batch-size", "1", "--max-steps", "3", "--lr", "0.1", "--warmup-steps", "0",
+                    "--save-every", "1")
+    order = train.epoch_order([16], [1.0], 16, args.seed, 0)
+    items, skip_bad = bad_items({order[0], order[5], order[8], order[9], order[10], order[11]})  # step 2: all bad
+    toy, after_two = Recorder(), Toy()
+    train.train(args, toy, items, skip_bad)
+    assert len(toy.log) == 3 + 3  # step 0: 3 readable micro-batches, step 1: 3, step 2: none
+    rows = [r for r in metrics(tmp_path) if "lr" in r]
+    for step, first in ((0, 0), (1, 3)):  # the logged loss: the mean of this step's readable micro-batch losses
+        ref = Toy()
+        ref.load_state_dict(toy.log[first][1])
+        losses = [ref(b)["loss"].item() for b, _ in toy.log[first:first + 3]]
+        assert rows[step]["loss"] == pytest.approx(sum(losses) / 3, rel=1e-6) and rows[step]["n_bad_audio"] == 1
+    assert "loss" not in rows[2] and rows[2]["n_bad_audio"] == 4  # step 2: nothing readable, no loss
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["step"] == 3 and ck["state"]["empty_steps"] == 1
+    assert all(v["step"] == 2 for v in ck["optimizer"]["state"].values())  # Adam stepped twice, not three times
+    train.train(toy_args(tmp_path / "two", "--per-device-batch-size", "1", "--max-steps", "3", "--lr", "0.1",
+                         "--warmup-steps", "0", "--stop-after-steps", "2"), after_two, items, skip_bad)
+    for n, p in toy.named_parameters():  # the same run stopped before the empty step: the same weights
+        assert torch.equal(p, dict(after_two.named_parameters())[n]), n
+    end = [r for r in metrics(tmp_path) if r.get("event") == "end"][0]
+    assert end["counts"] == {"bad_audio": 6, "truncated": 0} and end["empty_steps"] == 1
+
+
+def test_step_gradient_is_the_mean_over_readable_micro_batches(tmp_path):
+    """One step, 4 micro-batches of 1, the first unreadable: the update equals AdamW's first step on the mean
+    gradient of the 3 readable ones (computed by hand with torch.optim.AdamW)."""
+    args = toy_args(tmp_path, "--per-device-batch-size", "1", "--max-steps", "1", "--lr", "0.1", "--warmup-steps", "0",
+                    "--warmup-start-lr", "0.1", "--weight-decay", "0")
+    order = train.epoch_order([16], [1.0], 16, args.seed, 0)
+    items, skip_bad = bad_items({order[0]})
     toy = Recorder()
     train.train(args, toy, items, skip_bad)
-    assert len(toy.log) == 4 and torch.equal(toy.log[3][0]["x"], toy.log[2][0]["x"])  # micro-batch 2 rerun
-    ref = Toy()  # step 1 by hand: micro-batch 2 alone, weight 1/2; the gradients of the last step stay in .grad
-    ref.load_state_dict(toy.log[2][1])
-    (ref(toy.log[2][0])["loss"] / 2).backward()
-    for (n, p), q in zip(toy.named_parameters(), ref.parameters()):
-        if p.requires_grad:
-            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0), n
-    assert math.isfinite(metrics(tmp_path)[1]["loss"])
+    ref = Toy()
+    ref.load_state_dict(toy.log[0][1])
+    params = [q for q in ref.parameters() if q.requires_grad]
+    (sum(ref(b)["loss"] for b, _ in toy.log) / 3).backward()
+    torch.optim.AdamW(params, lr=0.1, weight_decay=0.0).step()
+    for (n, p), q in zip([(n, p) for n, p in toy.named_parameters() if p.requires_grad], params):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), n  # Adam's first step: lr * g / (|g| + eps): float noise
+
+
+def test_kill_and_resume_across_unreadable_items_equals_uninterrupted(tmp_path):
+    """Checkpoint at step 2, killed at step 3; the first micro-batch after the checkpoint is unreadable (the old loop
+    could never resume there). The resumed run ends with the weights and Adam state of the uninterrupted one."""
+    args = lambda out, *x: toy_args(out, "--per-device-batch-size", "1", "--max-steps", "6", "--save-every", "2", *x)
+    order = train.epoch_order([16], [1.0], 16, 42, 0)
+    bad = {order[8], order[9], order[13]}  # step 2 micro-batches 0-1, step 3 micro-batch 1
+    items, skip_bad = bad_items(bad)
+    train.train(args(tmp_path / "a"), Toy(), items, skip_bad)
+    killed = train.train(args(tmp_path / "b", "--stop-after-steps", "3"), Toy(), items, skip_bad)
+    assert killed["step"] == 3
+    train.train(args(tmp_path / "b", "--resume"), Toy(), items, skip_bad)
+    ca, cb = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True) for x in "ab")
+    assert all(torch.equal(ca["model"][n], cb["model"][n]) for n in ca["model"])
+    assert all(torch.equal(ca["optimizer"]["state"][i][key], cb["optimizer"]["state"][i][key])
+               for i in ca["optimizer"]["state"] for key in ("exp_avg", "exp_avg_sq"))
+    assert [r.get("loss") for r in metrics(tmp_path / "a")] == [r.get("loss") for r in metrics(tmp_path / "b")]
 
 
 def test_early_stopping_keeps_the_best(tmp_path):
@@ -292,7 +368,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             f.write(b"half a checkpoint")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", broken_save)
-    args.resume, args.max_steps = True, 6
+    args.resume, args.max_steps, args.resume_changes = True, 6, "apply"
     with pytest.raises(KeyboardInterrupt):
         train.train(args, Toy(), toy_data(), collate)
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -303,7 +379,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     train.train(toy_args(tmp_path, "--max-steps", "2"), Toy(), toy_data(), collate)
     with pytest.raises(FileExistsError, match="--resume"):
         train.train(toy_args(tmp_path, "--max-steps", "2"), Toy(), toy_data(), collate)
-    with pytest.raises(ValueError, match="--batch-size 4.*8"):
+    with pytest.raises(ValueError, match="--batch-size: checkpoint 4, this run 8"):
         train.train(toy_args(tmp_path, "--max-steps", "3", "--resume", "--batch-size", "8"), Toy(), toy_data(), collate)
 
 
