@@ -82,45 +82,7 @@ def free_port():
 # ----------------------------------------------------------------------------- a toy objective
 
 
-class Toy(nn.Module):
-    """Least squares through a frozen layer and a LayerNorm. nan_calls: forward calls whose loss is NaN;
-    accs: accuracies returned by successive evaluate() calls. Records the weights each forward sees."""
-
-    def __init__(self, nan_calls=(), accs=()):
-        super().__init__()
-        torch.manual_seed(0)
-        self.frozen = nn.Linear(4, 4).requires_grad_(False)
-        self.norm = nn.LayerNorm(4)
-        self.lin = nn.Linear(4, 1)
-        self.nan_calls, self.accs, self.calls, self.evals, self.seen = set(nan_calls), list(accs), 0, 0, []
-
-    def forward(self, batch):
-        self.seen.append(self.lin.weight.detach().clone())
-        loss = ((self.lin(self.norm(self.frozen(batch["x"]))).squeeze(-1) - batch["y"]) ** 2).mean()
-        if self.calls in self.nan_calls:
-            loss = loss * float("nan")
-        self.calls += 1
-        return dict(loss=loss, mse=loss.detach())
-
-    def evaluate(self, batch):
-        acc = self.accs[self.evals]
-        self.evals += 1
-        return dict(loss=torch.tensor(1.0 - acc), n_correct=torch.tensor(acc * 1000), n_tokens=torch.tensor(1000))
-
-    def save_trainable(self, path):
-        save_file({n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}, path)
-        with open(path + ".json", "w") as f:
-            json.dump({}, f)
-
-
-def toy_data(n=16):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 4, generator=g)
-    return [dict(x=x[i], y=x[i].sum()) for i in range(n)]
-
-
-def collate(items):
-    return dict(x=torch.stack([i["x"] for i in items]), y=torch.stack([i["y"] for i in items]))
+from toy_objective import Toy, collate, toy_data  # noqa: E402 (also run by torchrun below)
 
 
 def toy_args(out, *extra, warmup=3, max_steps=8):
@@ -381,6 +343,160 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         train.train(toy_args(tmp_path, "--max-steps", "2"), Toy(), toy_data(), collate)
     with pytest.raises(ValueError, match="--batch-size: checkpoint 4, this run 8"):
         train.train(toy_args(tmp_path, "--max-steps", "3", "--resume", "--batch-size", "8"), Toy(), toy_data(), collate)
+
+
+# ----------------------------------------------------------------------------- resume: changed settings, files, layout
+
+
+def test_resume_with_changed_settings_refuses_and_lists_them(tmp_path):
+    """Issue 11.2: a resume with another --lr, --weight-decay, --adam-eps, --adam-betas used to train with
+    old_lr x schedule(new) / new_lr and the old optimizer settings, and args.json recorded the new values."""
+    train.train(toy_args(tmp_path, "--max-steps", "6", "--save-every", "3", "--stop-after-steps", "4"), Toy(),
+                toy_data(), collate)
+    new = ["--max-steps", "6", "--lr", "0.02", "--weight-decay", "0.1", "--adam-eps", "1e-6", "--adam-betas", "0.8",
+           "0.99", "--resume"]
+    with pytest.raises(train.data.UserError) as e:
+        train.train(toy_args(tmp_path, *new), Toy(), toy_data(), collate)
+    msg = str(e.value)
+    for line in ("--lr: checkpoint 0.01, this run 0.02", "--weight-decay: checkpoint 0.05, this run 0.1",
+                 "--adam-eps: checkpoint 1e-08, this run 1e-06", "--adam-betas: checkpoint [0.9, 0.999], this run [0.8, 0.99]",
+                 "--resume-changes apply"):
+        assert line in msg, line
+    for fixed in (["--seed", "1"], ["--batch-size", "8"]):  # never changeable, not even with apply
+        with pytest.raises(train.data.UserError, match=f"cannot continue.*\n  {fixed[0]}: checkpoint"):
+            train.train(toy_args(tmp_path, *new, "--resume-changes", "apply", *fixed), Toy(), toy_data(), collate)
+    with pytest.raises(train.data.UserError, match=r"--train: checkpoint '\[16\] entries', this run '\[12\] entries'"):
+        train.train(toy_args(tmp_path, *new, "--resume-changes", "apply"), Toy(), toy_data(12), collate)
+
+    args = toy_args(tmp_path, *new, "--resume-changes", "apply")
+    train.train(args, Toy(), toy_data(), collate)
+    rows = [r for r in metrics(tmp_path) if "lr" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    old = toy_args(tmp_path, "--max-steps", "6")
+    for r in rows:  # the new schedule from the resumed step (3) on, exactly; the old one before
+        assert r["lr"] == pytest.approx(train.lr_at(r["step"] - 1, args if r["step"] > 3 else old), rel=1e-12), r
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.99) and g["eps"] == 1e-6 for g in groups)
+    record = json.load(open(tmp_path / "args.json"))
+    assert record["lr"] == 0.02 and record["resume_history"] == [dict(step=3, changes={
+        "adam_betas": dict(old=[0.9, 0.999], new=[0.8, 0.99]), "adam_eps": dict(old=1e-8, new=1e-6),
+        "lr": dict(old=0.01, new=0.02), "weight_decay": dict(old=0.05, new=0.1)})]
+    event = [r for r in metrics(tmp_path) if r.get("event") == "resume"]
+    assert len(event) == 1 and event[0]["step"] == 3 and event[0]["changes"]["lr"] == dict(old=0.01, new=0.02)
+    # the next resume compares with the applied values: unchanged flags resume silently
+    train.train(toy_args(tmp_path, *new[:-1], "--max-steps", "6", "--resume"), Toy(), toy_data(), collate)
+
+
+def test_resume_cleans_temporaries_and_reads_a_cut_metrics_line(tmp_path):
+    """Issue 11.8 and 11.10: files a killed save leaves (ours `*.tmp<pid>`, safetensors' hidden `.tmpXXXXXX`) are
+    removed when a run starts and ends; a metrics.jsonl whose last line a kill cut short resumes; a damaged
+    checkpoint.pt is named."""
+    common = ["--max-steps", "6", "--save-every", "2"]
+    train.train(toy_args(tmp_path / "a", *common), Toy(), toy_data(), collate)
+    out = tmp_path / "b"
+    train.train(toy_args(out, *common, "--stop-after-steps", "3"), Toy(), toy_data(), collate)
+    orphans = {"checkpoint.pt.tmp4242": b"x" * 100, "last.safetensors.tmp77": b"y", "last.safetensors.tmp77.json": b"{",
+               ".tmpA1b2C3": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", ".tmpZZZZZZ": b""}
+    kept = {".tmpQwErTy": b"not a safetensors file", "notes.tmp1": b"mine", "checkpoint.pt.tmpx": b"?"}
+    for name, content in {**orphans, **kept}.items():
+        (out / name).write_bytes(content)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')  # the killed run's half-written row
+    train.train(toy_args(out, *common, "--resume"), Toy(), toy_data(), collate)
+    assert set(os.listdir(out)) & set(orphans) == set() and set(kept) <= set(os.listdir(out))
+    ra, rb = metrics(tmp_path / "a"), metrics(out)
+    assert [r.get("loss") for r in ra] == [r.get("loss") for r in rb]
+    assert train.clean_temporaries(out, train.OWN_FILES) == []
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])  # truncated
+    with pytest.raises(train.data.UserError, match=r"--resume: cannot read .*checkpoint\.pt"):
+        train.train(toy_args(out, *common, "--max-steps", "8", "--resume"), Toy(), toy_data(), collate)
+    with open(out / "metrics.jsonl", "w") as f:
+        f.write('{"step": 1}\n{"step": 2, oops\n{"step": 3}\n')  # damaged inside: say where
+    with pytest.raises(train.data.UserError, match=r"metrics.jsonl: line 2: invalid JSON"):
+        train.Metrics(str(out), 0, 3)
+
+
+def test_cuda_rng_state_is_the_current_device_only(monkeypatch):
+    """Issue 12 (another GPU layout): only the current device's CUDA RNG state is saved and restored; a checkpoint
+    of the old format (every visible GPU's state) restores this device's state if it has one, else none, and a
+    machine without a GPU ignores it (the old code raised IndexError with fewer GPUs per process)."""
+    s = train.rng_state()
+    assert s["cuda"] is None  # no GPU here
+    train.set_rng_state(dict(s, cuda=torch.zeros(16, dtype=torch.uint8)))  # a GPU run's state, resumed on a CPU
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("get_rng_state_all"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("set_rng_state_all"))
+    saved = train.rng_state()
+    assert torch.equal(saved["cuda"], torch.full((4,), 7, dtype=torch.uint8))  # one tensor, not a list
+    train.set_rng_state(saved)
+    old = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # 8 GPUs visible when saved
+    train.set_rng_state(dict(saved, cuda=old))
+    train.set_rng_state(dict(saved, cuda=old[:1]))  # 1 GPU visible then, device 3 now: nothing to restore
+    assert [c.tolist() for c in calls] == [[7] * 4, [3] * 4]
+
+
+def toy_torchrun(tmp_path, out, *flags, nproc=2, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), os.path.join(ROOT, "tests", "toy_objective.py"), "--output-dir", str(out),
+           "--batch-size", "4", "--lr", "0.01", "--warmup-start-lr", "0.001", "--min-lr", "0.002", *RUN_FLAGS, *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_resume_on_another_number_of_processes_keeps_the_micro_batch(tmp_path):
+    """Issue 11.6: a run of 2 processes x 1 item x 2 accumulated, killed after step 3 (checkpoint at 2), resumed
+    by 1 process with default flags: the micro-batch stays 1 and the accumulation becomes 4, so the steps are the
+    same (up to float summation order); the old code went to micro-batches of 4 and moved the result by ~1e-2.
+    Where the numbers do not divide the resume stops and says what would work."""
+    common = ["--max-steps", "6", "--save-every", "2", "--warmup-steps", "2"]
+    proc = toy_torchrun(tmp_path, tmp_path / "two", *common, "--per-device-batch-size", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = toy_torchrun(tmp_path, tmp_path / "b", *common, "--per-device-batch-size", "1", "--stop-after-steps", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = toy_args(tmp_path / "b", *common, "--resume")
+    train.train(args, Toy(), toy_data(), collate)
+    event = [r for r in metrics(tmp_path / "b") if r.get("event") == "resume"]
+    assert event == [dict(event="resume", step=2, changes={}, world_size=[2, 1], grad_accum=[2, 4],
+                          per_device_batch_size=1)]
+    wa, wb = load_file(tmp_path / "two" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    diff = max((wa[n] - wb[n]).abs().max().item() for n in wa)
+    print(f"max |2 processes - (2 processes, resumed by 1)| = {diff:.3g}")
+    # float summation order only: (g0 + g1) + (g2 + g3) vs ((g0 + g1) + g2) + g3, magnified by Adam's
+    # normalisation at most to a few float32 ulps of lr-sized steps (the old behaviour moved it by ~1e-2)
+    assert diff <= 1e-6
+    # 1 process x micro-batch 4 cannot become 2 processes x micro-batch 4 (global batch 4): stop, naming the fix
+    ck = dict(micro_batch=4, grad_accum=1, world_size=1)
+    ns = lambda b=None, k=None: argparse.Namespace(batch_size=4, per_device_batch_size=b, grad_accum=k)
+    with pytest.raises(train.data.UserError) as e:
+        train.resume_layout(ns(), 2, ck, "ck.pt")
+    assert ("micro-batches of 4 per device (global batch 4 = 4 x 1 accumulation x 1 processes)" in str(e.value)
+            and "Resume with 1 processes" in str(e.value) and "--per-device-batch-size N --resume-changes apply"
+            in str(e.value))
+    assert train.resume_layout(ns(), 1, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 2)
+    assert train.resume_layout(ns(), 2, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 1)
+    assert train.resume_layout(ns(b=1), 2, ck, "ck.pt") == (1, 2)  # a given micro-batch (a listed change)
+    with pytest.raises(train.data.UserError, match="--grad-accum 2"):
+        train.resume_layout(ns(k=2), 2, dict(ck, micro_batch=2), "ck.pt")
+
+
+def test_a_stuck_rank_ends_the_run_after_dist_timeout(tmp_path):
+    """Issue 11.9: rank 1 sleeps 60 s in its forward of step 1; with --dist-timeout 0.05 (3 s) rank 0 stops with a
+    message instead of waiting (SALMONN waits 365 days), and torchrun ends the run."""
+    import time
+    t0 = time.time()
+    proc = toy_torchrun(tmp_path, tmp_path / "run", "--dist-timeout", "0.05", "--stall-rank", "1", "--stall-at-step",
+                        "1", "--stall-seconds", "60")
+    took = time.time() - t0
+    assert proc.returncode != 0 and took < 45, (took, proc.stderr[-2000:])
+    assert ("toy_objective.py: error: [rank 0] rank 0: a collective did not complete within --dist-timeout 0.05 "
+            "minutes: another process is stuck or dead") in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("toy_objective.py: error")[0][-500:]
 
 
 # ----------------------------------------------------------------------------- stage 1 on the tiny model
