@@ -45,16 +45,18 @@ def main(argv=None):
     entries = [data.read_manifest(path, skip_bad=args.skip_bad) for path, _ in sources]
     for (path, _), e in zip(sources, entries):
         if not e:
-            raise ValueError(f"--train {path}: no usable entry")
+            raise data.UserError(f"--train {path}: no usable entry" + (" (every line was skipped as broken)"
+                                                                       if args.skip_bad else ""))
     torch.manual_seed(args.seed)  # the same fresh Q-Former / projector / LoRA on every rank
     lsm = M.LSM.from_args(args)
     from transformers import WhisperFeatureExtractor
-    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(args.whisper))
+    fe = WhisperFeatureExtractor.from_pretrained(args.whisper)
+    collate = data.Collator(fe)
     dataset = data.SpeechDataset([x for e in entries for x in e], data.Instructions(args.instructions, args.seed),
-                                 skip_bad=args.skip_bad)
+                                 skip_bad=args.skip_bad, max_seconds=data.window_seconds(fe))
     return train.train(args, train.Objective(lsm), dataset, collate, sizes=[len(e) for e in entries],
                        weights=[w for _, w in sources], epoch_size=args.epoch_size)
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "pretrain.py")
