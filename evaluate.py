@@ -271,7 +271,8 @@ def partial_path(out_dir, mode, rank):
 
 def read_partial(out_dir, mode):
     """{manifest index: record} from every rank's partial file of `mode` (any earlier number of processes too);
-    lines that are not whole JSON records (the last line of a killed writer) are ignored."""
+    lines that are not whole JSON records (the last line of a killed writer) are ignored, and a hypothesis wins
+    over a "skipped" record of the same entry."""
     folder, done = os.path.join(out_dir, PARTIAL), {}
     prefix = f"hyps.{mode}.rank"
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -286,7 +287,8 @@ def read_partial(out_dir, mode):
                 except json.JSONDecodeError:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("index"), int):
-                    done[rec["index"]] = rec
+                    if rec["index"] not in done or "skipped" in done[rec["index"]]:  # a hypothesis wins
+                        done[rec["index"]] = rec
     return done
 
 
@@ -314,14 +316,14 @@ class PartialWriter:
 
 
 def decoding_config(args, entries):
-    """What the hypotheses depend on: partial results are reused only if it is unchanged."""
+    """What the hypotheses depend on: partial results are reused only if it is unchanged (--skip-bad is not part
+    of it: a hypothesis does not depend on it; without it, entries an earlier run skipped are decoded again)."""
     def stamp(path):
         st = os.stat(path)
         return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
     return dict(ckpt=stamp(args.ckpt), manifest=stamp(args.manifest), n=len(entries), num_beams=args.num_beams,
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, instructions=args.instructions,
-                limit=args.limit, skip_bad=args.skip_bad,
-                backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
+                limit=args.limit, backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
 
 
 def prepare_partial(out_dir, config, rank, world):
@@ -369,6 +371,8 @@ def decode(lsm, entries, mode, args, rank, world, out_dir=None):
     writer = None
     if out_dir is not None:
         done = read_partial(out_dir, mode)
+        if not args.skip_bad:  # entries skipped by an earlier --skip-bad run are decoded (or fail) again
+            done = {i: r for i, r in done.items() if "skipped" not in r}
         mine = [b for b in mine if not all(i in done for i in b)]
         writer = PartialWriter(partial_path(out_dir, mode, rank))
     indices = [i for b in mine for i in b]
@@ -409,12 +413,14 @@ def decode(lsm, entries, mode, args, rank, world, out_dir=None):
     return sorted(gather(records, world), key=lambda r: r["index"])
 
 
-def wait_for_partial(out_dir, modes, n, poll_seconds=2.0, say_every=300.0):
-    """Wait, without any collective, until the partial files hold all n entries of every mode; -> {mode: records in
-    manifest order}. Says on stderr which part is still missing every `say_every` seconds."""
+def wait_for_partial(out_dir, modes, n, skip_bad, poll_seconds=2.0, say_every=300.0):
+    """Wait, without any collective, until the partial files hold all n entries of every mode (without skip_bad, a
+    hypothesis for each); -> {mode: records in manifest order}. Says on stderr what is still missing every
+    `say_every` seconds."""
     t0 = last = time.time()
     while True:
-        results = {m: read_partial(out_dir, m) for m in modes}
+        results = {m: {i: r for i, r in read_partial(out_dir, m).items() if skip_bad or "skipped" not in r}
+                   for m in modes}
         missing = {m: n - len([i for i in r if 0 <= i < n]) for m, r in results.items()}
         if not any(missing.values()):
             return {m: [r[i] for i in range(n)] for m, r in results.items()}
@@ -643,7 +649,7 @@ def run(args):
                             f".. {lsm.n_layers}")
         results = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
         if out_dir is not None and modes and (rank == 0 or layers):  # the others may leave: no collective follows
-            results = wait_for_partial(out_dir, modes, len(entries))
+            results = wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
         reps = None
         if layers:
             skipped = {r["index"] for rs in results.values() for r in rs if "skipped" in r}
