@@ -82,7 +82,8 @@ def free_port():
 # ----------------------------------------------------------------------------- a toy objective
 
 
-from toy_objective import Toy, collate, toy_data  # noqa: E402 (also run by torchrun below)
+import toy_objective  # noqa: E402 (also run by torchrun below)
+from toy_objective import Toy, collate, toy_data  # noqa: E402
 
 
 def toy_args(out, *extra, warmup=3, max_steps=8):
@@ -223,13 +224,7 @@ def test_a_checkpoint_due_in_a_streak_waits_for_a_finite_step(tmp_path):
 
 def bad_items(bad):
     """toy_data with the items `bad` unreadable, and a collate that drops them as data.Collator does."""
-    items = [dict(item, bad=i in bad) for i, item in enumerate(toy_data())]
-
-    def skip_bad(batch):
-        good = [x for x in batch if not x["bad"]]
-        counts = {"bad_audio": len(batch) - len(good), "truncated": 0}
-        return dict(collate(good), ids=[0] * len(good), counts=counts) if good else dict(ids=[], counts=counts)
-    return items, skip_bad
+    return toy_objective.bad_items(toy_data(), bad)
 
 
 class Recorder(Toy):
@@ -483,6 +478,28 @@ def test_resume_on_another_number_of_processes_keeps_the_micro_batch(tmp_path):
     assert train.resume_layout(ns(b=1), 2, ck, "ck.pt") == (1, 2)  # a given micro-batch (a listed change)
     with pytest.raises(train.data.UserError, match="--grad-accum 2"):
         train.resume_layout(ns(k=2), 2, dict(ck, micro_batch=2), "ck.pt")
+
+
+def test_two_processes_with_an_empty_micro_batch_equal_one_killed_and_resumed(tmp_path):
+    """Issue 11.3 under torchrun: at step 2 rank 1's whole micro-batch is unreadable, so rank 1 runs no forward while
+    rank 0 does (no collective inside the forward; the loop all-reduces the gradients itself). The result equals one
+    process with the same micro-batches killed right before that step and resumed: the same divisor (3 readable
+    micro-batches at step 2), the same floats (g + 0 = g)."""
+    order = train.epoch_order([16], [1.0], 16, 42, 0)
+    bad = [order[10], order[11], order[4]]  # step 2 = items 8..11: rank 1 has 10, 11; step 1: one item of rank 0
+    common = ["--max-steps", "4", "--save-every", "2", "--warmup-steps", "2", "--per-device-batch-size", "2"]
+    proc = toy_torchrun(tmp_path, tmp_path / "two", *common, "--bad", *map(str, bad))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    items, skip_bad = bad_items(set(bad))
+    one = lambda *x: toy_args(tmp_path / "one", *common, *x)
+    train.train(one("--stop-after-steps", "3"), Toy(), items, skip_bad)  # checkpoint at 2, killed after 3
+    train.train(one("--resume"), Toy(), items, skip_bad)
+    wa, wb = load_file(tmp_path / "two" / "last.safetensors"), load_file(tmp_path / "one" / "last.safetensors")
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    rows = [r for r in metrics(tmp_path / "two") if "lr" in r]
+    assert [r["n_bad_audio"] for r in rows] == [0, 1, 2, 0]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in metrics(tmp_path / "one") if "lr" in r],
+                                                      rel=1e-12)
 
 
 def test_a_stuck_rank_ends_the_run_after_dist_timeout(tmp_path):

@@ -60,9 +60,22 @@ def collate(items):
     return dict(x=torch.stack([i["x"] for i in items]), y=torch.stack([i["y"] for i in items]))
 
 
+def bad_items(items, bad):
+    """items with those in `bad` unreadable, and a collate that drops them as data.Collator does (an empty batch
+    is {"ids": [], "counts": ...})."""
+    items = [dict(item, bad=i in bad) for i, item in enumerate(items)]
+
+    def skip_bad(batch):
+        good = [x for x in batch if not x["bad"]]
+        counts = {"bad_audio": len(batch) - len(good), "truncated": 0}
+        return dict(collate(good), ids=[0] * len(good), counts=counts) if good else dict(ids=[], counts=counts)
+    return items, skip_bad
+
+
 def main(argv=None):
     p = train.add_train_args(argparse.ArgumentParser(), warmup_steps=2, max_steps=6, validation=True)
     p.add_argument("--items", type=int, default=16)
+    p.add_argument("--bad", type=int, nargs="*", default=[], help="unreadable items (dropped as data.Collator does)")
     p.add_argument("--stall-rank", type=int, default=-1)
     p.add_argument("--stall-at-step", type=int, default=1)
     p.add_argument("--stall-seconds", type=float, default=0.0)
@@ -77,7 +90,10 @@ def main(argv=None):
                 time.sleep(args.stall_seconds)
             return forward(batch)
         toy.forward = stalled
-    return train.train(args, toy, toy_data(args.items), collate)
+    items, collate_fn = toy_data(args.items), collate
+    if args.bad:
+        items, collate_fn = bad_items(items, set(args.bad))
+    return train.train(args, toy, items, collate_fn)
 
 
 if __name__ == "__main__":
