@@ -18,6 +18,7 @@ from test_train import RUN_FLAGS, ROOT, ST_ROWS, one_thread, tiny_flags, write_m
 
 def cli_error(capsys, main, script):
     """Run main through train.cli -> the stderr it printed (asserting exit status 1 and no traceback)."""
+    capsys.readouterr()  # drop what ran before
     with pytest.raises(SystemExit) as e:
         train.cli(main, script)
     err = capsys.readouterr().err
