@@ -378,7 +378,8 @@ class Collator:
     """list of items -> the batch dict that model.LSM takes:
     ids, mel (B, n_mels, frames) Whisper log-mel of the clip padded to Whisper's window, wav (B, T) zero-padded to
     the longest, wav_lens (B,) real samples, instructions, targets, transcripts, tasks, tgt_langs; and the batch's
-    own record: skipped (ids of Skipped items, dropped), counts {"bad_audio", "truncated"}.
+    own record: skipped (ids of Skipped items, dropped), truncated (ids of cut clips), counts {"bad_audio",
+    "truncated"}.
     A clip longer than Whisper's window (feature_extractor.n_samples) is cut to it here, for Whisper and BEATs
     alike, and counted as truncated (once, also when load_audio had already cut it). A batch with no item left
     is {"ids": [], "skipped": [...], "counts": {...}} (is_empty): the training loop runs no forward for it.
@@ -398,17 +399,18 @@ class Collator:
     def __call__(self, items):
         skipped = [x.id for x in items if isinstance(x, Skipped)] + [None for x in items if x is None]
         items = [x for x in items if x is not None and not isinstance(x, Skipped)]
-        wavs, truncated = [], 0
+        wavs, truncated = [], []
         for x in items:
             cut = len(x["wav"]) > self.max_samples
             if cut:
                 log.warning("truncated %r from %.2f s to Whisper's window of %.2f s", x["id"],
                             len(x["wav"]) / SAMPLE_RATE, self.max_samples / SAMPLE_RATE)
-            truncated += bool(cut or x.get("truncated"))
+            if cut or x.get("truncated"):
+                truncated.append(x["id"])
             wavs.append(x["wav"][:self.max_samples])
-        counts = {"bad_audio": len(skipped), "truncated": truncated}
+        counts = {"bad_audio": len(skipped), "truncated": len(truncated)}
         if not items:
-            return {"ids": [], "skipped": skipped, "counts": counts}
+            return {"ids": [], "skipped": skipped, "truncated": truncated, "counts": counts}
         mel = self.feature_extractor(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
         lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
         wav = torch.zeros(len(wavs), int(lens.max()))
@@ -417,4 +419,5 @@ class Collator:
         return {"ids": [x["id"] for x in items], "mel": mel.float(), "wav": wav, "wav_lens": lens,
                 "instructions": [x["instruction"] for x in items], "targets": [x["target"] for x in items],
                 "transcripts": [x["transcript"] for x in items], "tasks": [x["task"] for x in items],
-                "tgt_langs": [x["tgt_lang"] for x in items], "skipped": skipped, "counts": counts}
+                "tgt_langs": [x["tgt_lang"] for x in items], "skipped": skipped, "truncated": truncated,
+                "counts": counts}

@@ -391,13 +391,14 @@ def decode(lsm, entries, mode, args, rank, world, out_dir=None):
             with autocast(lsm):
                 hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         kept, out = iter(zip(batch["ids"], hyps)), []
-        skipped = set(batch.get("skipped", []))
+        skipped, cut = set(batch.get("skipped", [])), set(batch.get("truncated", []))
         pending = next(kept, None)
         for i in batch_indices:
             e = entries[i]
             if pending is not None and pending[0] == e["id"]:
                 out.append(dict(index=i, id=e["id"], src=e["text"], reference=e["translation"],
-                                hypothesis=pending[1].replace("\n", " "), tgt_lang=e["tgt_lang"]))
+                                hypothesis=pending[1].replace("\n", " "), tgt_lang=e["tgt_lang"],
+                                **({"truncated": True} if e["id"] in cut else {})))
                 pending = next(kept, None)
             else:
                 assert e["id"] in skipped, (e["id"], batch["ids"])  # no item may be dropped silently or reordered
@@ -672,9 +673,13 @@ def run(args):
         return results
 
     metrics = dict(name=args.name or os.path.relpath(args.ckpt), ckpt=args.ckpt, manifest=args.manifest,
-                   n=len(entries), world_size=world, bleu={}, skipped={})
+                   n=len(entries), world_size=world, bleu={}, skipped={}, truncated={})
     for mode, records in results.items():
         skipped = [r for r in records if "skipped" in r]
+        cut = [r["id"] for r in records if r.get("truncated")]
+        if cut:
+            metrics["truncated"][mode] = cut
+            log(f"{len(cut)} clip(s) longer than Whisper's input window were cut to it (listed in metrics.json)")
         records = [r for r in records if "skipped" not in r]
         results[mode] = records
         write_atomic(os.path.join(out_dir, f"hyps.{mode}.jsonl"), "".join(

@@ -265,7 +265,7 @@ def test_short_whisper_window_cuts_both_encoders_inputs_and_counts(tmp_path, cap
         ds = data.SpeechDataset(m)  # default max_seconds 30: the Collator alone must still cut
         batch = collate([ds[0], ds[1]])
     assert batch["wav"].shape == (2, 64000) and batch["wav_lens"].tolist() == [64000, 32000]
-    assert batch["mel"].shape == (2, 80, 400) and batch["counts"]["truncated"] == 1
+    assert batch["mel"].shape == (2, 80, 400) and batch["counts"]["truncated"] == 1 and batch["truncated"] == ["u0"]
     assert "truncated 'u0' from 6.00 s" in caplog.text
     ds = data.SpeechDataset(m, max_seconds=data.window_seconds(short))  # as the scripts build it: no decoding past 4 s
     item = ds[0]
@@ -330,7 +330,7 @@ def test_collate_batch(mixed_manifest, fe):
     items = [ds[i] for i in range(3)]
     batch = data.Collator(fe)(items)
     assert set(batch) == {"ids", "mel", "wav", "wav_lens", "instructions", "targets", "transcripts", "tasks", "tgt_langs",
-                          "skipped", "counts"}
+                          "skipped", "truncated", "counts"}
     assert batch["skipped"] == [] and batch["counts"] == {"bad_audio": 0, "truncated": 0}
     assert batch["ids"] == ["a", "b", "c"]
     assert batch["mel"].shape == (3, 80, 3000) and batch["mel"].dtype == torch.float32
