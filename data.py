@@ -99,17 +99,20 @@ class Instructions:
         self.seed, self.options = seed, {t: [s] for t, s in DEFAULT_INSTRUCTIONS.items()}
         if path is None:
             return
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: expected a JSON object {{task: [instructions]}}")
+            raise UserError(f"{path}: expected a JSON object {{task: [instructions]}}")
         for task, options in table.items():
             if task not in TASKS:
-                raise ValueError(f"{path}: unknown task {task!r}; expected keys among {TASKS}")
+                raise UserError(f"{path}: unknown task {task!r}; expected keys among {TASKS}")
             if not (isinstance(options, list) and options and all(isinstance(s, str) and s.strip() for s in options)):
-                raise ValueError(f"{path}: {task!r} must be a non-empty list of non-empty strings")
+                raise UserError(f"{path}: {task!r} must be a non-empty list of non-empty strings")
             if task == "st" and not all("{lang}" in s for s in options):
-                raise ValueError(f"{path}: every 'st' instruction needs the {{lang}} placeholder")
+                raise UserError(f"{path}: every 'st' instruction needs the {{lang}} placeholder")
             self.options[task] = options
 
     def __call__(self, task, tgt_lang=None, key=0):
