@@ -159,7 +159,9 @@ def main(argv=None):
     if args.align != "ot" and layers:
         print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
     args.layers = layers if args.align == "ot" else None
+    before = data.STATS["bad_lines"]
     train_entries = data.read_manifest(args.train, skip_bad=args.skip_bad)
+    bad_lines = data.STATS["bad_lines"] - before
     dev_entries = data.read_manifest(args.dev, skip_bad=args.skip_bad) if args.dev else None
     for name, path, entries in (("--train", args.train, train_entries), ("--dev", args.dev, dev_entries)):
         if entries is not None and not entries:
@@ -175,7 +177,8 @@ def main(argv=None):
     instructions = data.Instructions(args.instructions, args.seed)
     dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad, max_seconds=cut) if dev_entries else None
     return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad,
-                                                           max_seconds=cut), collate, dev_set=dev)
+                                                           max_seconds=cut), collate, dev_set=dev,
+                       bad_lines=bad_lines)
 
 
 if __name__ == "__main__":

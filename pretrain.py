@@ -42,6 +42,7 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     sources = train.parse_manifests(args.train)
+    before = data.STATS["bad_lines"]
     entries = [data.read_manifest(path, skip_bad=args.skip_bad) for path, _ in sources]
     for (path, _), e in zip(sources, entries):
         if not e:
@@ -55,7 +56,8 @@ def main(argv=None):
     dataset = data.SpeechDataset([x for e in entries for x in e], data.Instructions(args.instructions, args.seed),
                                  skip_bad=args.skip_bad, max_seconds=data.window_seconds(fe))
     return train.train(args, train.Objective(lsm), dataset, collate, sizes=[len(e) for e in entries],
-                       weights=[w for _, w in sources], epoch_size=args.epoch_size)
+                       weights=[w for _, w in sources], epoch_size=args.epoch_size,
+                       bad_lines=data.STATS["bad_lines"] - before)
 
 
 if __name__ == "__main__":

@@ -666,15 +666,16 @@ def mean_logs(rows):
     return out
 
 
-def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None):
+def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None, bad_lines=0):
     """Train `model` (the objective, see the module docstring) on `train_set` (items indexed like the
     concatenation of sources with `sizes`, mixed with `weights`; default: one source, weight 1).
+    bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
     Returns a summary dict (step, bad_steps, best validation, ...)."""
     timeout = getattr(args, "dist_timeout", 60.0)
     rank, world, device = init_distributed(timeout)
     try:
         return _train(args, model, train_set, collate, sizes or [len(train_set)], weights or [1.0],
-                      epoch_size, dev_set, rank, world, device)
+                      epoch_size, dev_set, rank, world, device, bad_lines)
     except RuntimeError as e:
         failure = collective_failure(e, rank, timeout) if world > 1 else None
         if failure is None:
@@ -697,7 +698,7 @@ def _read_checkpoint(path):
                              f"not do that: was it copied or edited?)") from None
 
 
-def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device):
+def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device, bad_lines):
     from tqdm import tqdm
     B, out_dir = args.batch_size, args.output_dir
     say = print if rank == 0 else (lambda *a, **kw: None)
@@ -754,7 +755,6 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     if changes or layout_note:
         metrics.write(dict(event="resume", step=st["step"], changes=history[-1]["changes"] if changes else {},
                            **(layout_note or {})))
-    bad_lines = data.STATS["bad_lines"]  # read by this (main) process; every rank reads the same manifests
 
     broadcast_parameters(params, world)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")

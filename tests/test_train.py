@@ -547,6 +547,26 @@ def test_pretrain_end_to_end_with_beats(tiny_ckpts, manifests, tmp_path):
         assert torch.equal(p, ck["model"]["lsm." + n]), n
 
 
+def test_pretrain_counts_bad_data_over_workers(tiny_ckpts, tmp_path, capsys):
+    """Issue 11.11: with --skip-bad a broken line, a missing clip and a clip longer than Whisper's 30 s window are
+    counted where they happen (main process, DataLoader workers) and the totals reach metrics.jsonl and stdout."""
+    d = tmp_path / "data"
+    m = write_manifest(d, "m", [dict(id="a1", task="asr", text="hello world"), dict(id="a2", task="asr", text="one"),
+                                dict(id="a3", task="asr", text="the long one")], seconds=[1.0, 1.0, 31.0])
+    with open(m, "a") as f:
+        f.write('{"id": "broken"\n' + json.dumps(dict(id="a4", task="asr", text="gone", audio="missing.wav")) + "\n")
+    out = tmp_path / "run"
+    pretrain.main(["--train", m, "--output-dir", str(out), "--batch-size", "4", "--max-steps", "2", "--warmup-steps",
+                   "1", "--skip-bad", *tiny_flags(tiny_ckpts["qwen2"]), "--dtype", "float32", "--num-workers", "2",
+                   "--log-every", "1"])
+    rows = metrics(out)
+    end = rows[-1]
+    assert end["event"] == "end" and end["bad_lines"] == 1
+    assert end["counts"] == {"bad_audio": 2, "truncated": 2}  # 2 epochs of 4 items (one global batch each)
+    assert [r["n_bad_audio"] for r in rows if "lr" in r] == [1, 1] and [r["n_truncated"] for r in rows if "lr" in r] == [1, 1]
+    assert "1 bad manifest line(s) skipped, 2 unreadable clip read(s) skipped, 2 clip(s) cut" in capsys.readouterr().out
+
+
 def test_pretrain_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--help"])
