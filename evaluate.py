@@ -343,7 +343,8 @@ def prepare_partial(out_dir, config, rank, world):
         if old != config:
             stale = [n for n in os.listdir(folder) if n.endswith(".jsonl")]
             if stale:
-                log(f"{folder}: partial hypotheses of an evaluation with other settings: discarded ({len(stale)} files)")
+                log(f"{folder}: partial hypotheses of an evaluation with other settings: discarded "
+                    f"({len(stale)} files)")
             for n in stale:
                 os.remove(os.path.join(folder, n))
             tmp = f"{cfg_path}.tmp{os.getpid()}"

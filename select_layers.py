@@ -183,8 +183,8 @@ def plot(mrr, threshold, path, title):
 def table(mrr, selected, chance=None):
     """The MRR per layer, with the chance level (mean, sd) beside it if given."""
     lines = ["layer  MRR      selected" + ("   chance level" if chance else "")]
-    lines += [f"{l:5d}  {mrr[l]:.4f}   {'*' if l in selected else ' '}" + (f"          {chance[0]:.4f} +- {chance[1]:.4f}"
-                                                                         if chance and i == 0 else "")
+    beside = f"          {chance[0]:.4f} +- {chance[1]:.4f}" if chance else ""
+    lines += [f"{l:5d}  {mrr[l]:.4f}   {'*' if l in selected else ' '}" + (beside if i == 0 else "")
               for i, l in enumerate(sorted(mrr))]
     return "\n".join(lines)
 

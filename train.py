@@ -290,7 +290,8 @@ def resume_layout(args, world, ck, path):
     if B % (b * world) == 0 and (args.grad_accum is None or args.grad_accum * b * world == B):
         return b, B // (b * world)
     if args.grad_accum is not None and B % (b * world) == 0:
-        return batch_layout(argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=args.grad_accum), world)
+        given = argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=args.grad_accum)
+        return batch_layout(given, world)
     fits = [w for w in range(1, B // b + 1) if (B // b) % w == 0] if B % b == 0 else []
     raise data.UserError(
         f"--resume: {path} was trained with micro-batches of {ck['micro_batch']} per device (global batch {B} = "
@@ -717,7 +718,10 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     ck = _read_checkpoint(ckpt_path) if resumed else None
     if ck is not None:
         check_fixed(ck, args, sizes, ckpt_path)
-    b, k = resume_layout(args, world, ck, ckpt_path) if ck is not None and "micro_batch" in ck else batch_layout(args, world)
+    if ck is not None and "micro_batch" in ck:
+        b, k = resume_layout(args, world, ck, ckpt_path)
+    else:
+        b, k = batch_layout(args, world)
     rec = training_record(args, b)
     changes = check_changes(ck, rec, args, ckpt_path) if ck is not None else []
     history = list(ck.get("history", [])) if ck is not None else []

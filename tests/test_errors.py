@@ -89,14 +89,16 @@ def test_skip_bad_with_no_usable_entry(init, tmp_path, capsys):
     layers = tmp_path / "layers.json"
     layers.write_text("{not json")
     err = cli_error(capsys, lambda: joint_train.main(["--init", init["init"], "--train", init["train"],
-                                                      "--layers-from", str(layers), "--output-dir", str(tmp_path / "q")]),
+                                                      "--layers-from", str(layers),
+                                                      "--output-dir", str(tmp_path / "q")]),
                     "joint_train.py")
     assert f"--layers-from {layers}: cannot read it" in err
 
 
 def test_select_layers_and_a_bad_checkpoint_flag(init, tmp_path, capsys):
-    err = cli_error(capsys, lambda: select_layers.main(["--init", init["init"], "--manifest", str(tmp_path / "no.jsonl"),
-                                                        "--output-dir", str(tmp_path)]), "select_layers.py")
+    err = cli_error(capsys, lambda: select_layers.main(["--init", init["init"], "--manifest",
+                                                        str(tmp_path / "no.jsonl"), "--output-dir", str(tmp_path)]),
+                    "select_layers.py")
     assert f"manifest not found: {tmp_path / 'no.jsonl'}" in err
     out = tmp_path / "run"
     joint_train.main(["--init", init["init"], "--train", init["train"], "--layers", "0", "--output-dir", str(out),

@@ -354,7 +354,8 @@ def test_resume_with_changed_settings_refuses_and_lists_them(tmp_path):
         train.train(toy_args(tmp_path, *new), Toy(), toy_data(), collate)
     msg = str(e.value)
     for line in ("--lr: checkpoint 0.01, this run 0.02", "--weight-decay: checkpoint 0.05, this run 0.1",
-                 "--adam-eps: checkpoint 1e-08, this run 1e-06", "--adam-betas: checkpoint [0.9, 0.999], this run [0.8, 0.99]",
+                 "--adam-eps: checkpoint 1e-08, this run 1e-06",
+                 "--adam-betas: checkpoint [0.9, 0.999], this run [0.8, 0.99]",
                  "--resume-changes apply"):
         assert line in msg, line
     for fixed in (["--seed", "1"], ["--batch-size", "8"]):  # never changeable, not even with apply
@@ -563,7 +564,8 @@ def test_pretrain_counts_bad_data_over_workers(tiny_ckpts, tmp_path, capsys):
     end = rows[-1]
     assert end["event"] == "end" and end["bad_lines"] == 1
     assert end["counts"] == {"bad_audio": 2, "truncated": 2}  # 2 epochs of 4 items (one global batch each)
-    assert [r["n_bad_audio"] for r in rows if "lr" in r] == [1, 1] and [r["n_truncated"] for r in rows if "lr" in r] == [1, 1]
+    steps = [r for r in rows if "lr" in r]
+    assert [r["n_bad_audio"] for r in steps] == [1, 1] and [r["n_truncated"] for r in steps] == [1, 1]
     assert "1 bad manifest line(s) skipped, 2 unreadable clip read(s) skipped, 2 clip(s) cut" in capsys.readouterr().out
 
 
