@@ -842,4 +842,7 @@ if __name__ == "__main__":
         main()
     except (EvalError, data.UserError, FileNotFoundError, FileExistsError) as e:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        sys.exit(f"evaluate.py: error: {f'[rank {rank}] ' if rank else ''}{e}")
+        text = str(e)
+        if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the message
+            text = [l for l in text.splitlines() if l.strip()][-1].split(": ", 1)[-1]
+        sys.exit(f"evaluate.py: error: {f'[rank {rank}] ' if rank else ''}{text}")

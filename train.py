@@ -922,6 +922,16 @@ def _load_checkpoint(ck, path, model, opt, sched, st, rank, world):
 USER_ERRORS = (data.UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
 
+def user_message(err):
+    """The message of a user error; one raised in a DataLoader worker arrives wrapped by torch ("Caught X in
+    DataLoader worker process N. Original Traceback ...": its last line is the original message)."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = [l for l in text.splitlines() if l.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    return text
+
+
 def cli(main, script=None):
     """Run a script's main() as a command: a user error (USER_ERRORS: a bad manifest, flag, path or checkpoint,
     a divergence stop, a failed collective) prints `<script>: error: <message>` on stderr, alone (under torchrun
@@ -931,5 +941,5 @@ def cli(main, script=None):
         main()
     except USER_ERRORS as e:
         rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        print(f"{script}: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr, flush=True)
+        print(f"{script}: error: {f'[rank {rank}] ' if rank else ''}{user_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -116,3 +116,17 @@ def test_bugs_keep_their_traceback():
         train.cli(bug, "x.py")
     with pytest.raises(KeyError):
         train.cli(lambda: {}["missing"], "x.py")
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    """An unreadable clip without --skip-bad is raised in a DataLoader worker; torch re-raises it in the main process
+    with the worker's traceback inside the message, which the command line reduces to the original message."""
+    import data
+    from torch.utils.data import DataLoader
+    from transformers import WhisperFeatureExtractor
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "u0", "audio": "missing.wav", "task": "asr", "text": "hi"}\n')
+    ds = data.SpeechDataset(data.read_manifest(str(m)))
+    loader = DataLoader(ds, batch_size=1, num_workers=1, collate_fn=data.Collator(WhisperFeatureExtractor()))
+    err = cli_error(capsys, lambda: next(iter(loader)), "pretrain.py")
+    assert err == f"pretrain.py: error: entry 'u0' ({m}: line 1): audio file not found: {tmp_path / 'missing.wav'}\n"
