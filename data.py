@@ -12,14 +12,20 @@ Several manifests combine by list concatenation; WeightedMixSampler gives them m
     sampler = WeightedMixSampler([len(asr), len(aac)], shares, rank=rank, num_replicas=world)).
 
 Audio: soundfile -> mean of channels -> soxr to 16 kHz -> float32, zero-padded to >= 1 s (as SALMONN),
-cut to 30 s (Whisper's window; SALMONN cuts silently, here it is logged and counted in STATS).
+cut to the Whisper checkpoint's input window (window_seconds(feature_extractor): n_samples / sampling_rate,
+30 s for the real Whisper, shorter for a short-input one): both encoders see the same cut audio. SALMONN cuts
+silently; here every cut is logged and counted.
 
 Bad data: read_manifest() raises on the first broken line, or with skip_bad=True logs and skips it.
 Audio is checked lazily in SpeechDataset.__getitem__ (a 290k-clip corpus costs minutes to scan at every
-launch on every rank; a bad clip costs nothing until read): it raises naming the entry, or with
-skip_bad=True returns None, which the Collator drops. Counts go to the module-level Counter STATS
-("bad_lines", "bad_audio", "truncated"). STATS lives in each process: with DataLoader workers the
-per-clip counts stay in the workers and the logged warnings (inherited handlers under fork) are the record.
+launch on every rank; a bad clip costs nothing until read). Bad audio = missing, undecodable, empty, or with
+non-finite (NaN / Inf) samples (float WAVs can hold them; one would make every loss and distance NaN). It
+raises naming the entry, or with skip_bad=True gives a Skipped(id, reason) marker, which the Collator drops.
+Counts: each collated batch carries its own, batch["counts"] = {"bad_audio": n, "truncated": n} and the ids
+of its skipped items in batch["skipped"], so the counts travel with the data out of DataLoader workers and
+the training loop / evaluation can sum them over workers and ranks. The module-level Counter STATS
+("bad_lines", "bad_audio", "truncated") counts what this process itself saw (manifest lines are read in the
+main process; audio counted there only without workers).
 """
 import json
 import logging
@@ -35,6 +41,14 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 log = logging.getLogger(__name__)
+
+
+class UserError(ValueError):
+    """Bad input the user can fix (a manifest, flag, path or checkpoint): the scripts print the message alone,
+    `<script>.py: error: <message>`, without a traceback (see train.cli). Any other exception is a bug and keeps
+    its traceback."""
+
+
 STATS = Counter()  # "bad_lines", "bad_audio", "truncated" seen by this process
 TASKS = ("asr", "aac", "st")
 SAMPLE_RATE = 16000
@@ -105,25 +119,25 @@ class Instructions:
         self.options = {t: [s] for t, s in DEFAULT_INSTRUCTIONS.items()}  # "asr", "aac", "st" ({lang}), "st:<lang>"
         if path is None:
             return
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 table = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: expected a JSON object {{task: [instructions]}}")
+            raise UserError(f"{path}: expected a JSON object {{task: [instructions]}}")
         if any(SALMONN_SPEECH in p for v in table.values() for p in _strings(v)):
             self._read_salmonn(table, path)
             return
         self.format = "own"
         for task, options in table.items():
             if task not in TASKS:
-                raise ValueError(f"{path}: unknown task {task!r}; expected keys among {TASKS} (or SALMONN's prompt "
+                raise UserError(f"{path}: unknown task {task!r}; expected keys among {TASKS} (or SALMONN's prompt "
                                  f"file, whose prompts contain {SALMONN_SPEECH})")
             if not (isinstance(options, list) and options and all(isinstance(s, str) and s.strip() for s in options)):
-                raise ValueError(f"{path}: {task!r} must be a non-empty list of non-empty strings")
+                raise UserError(f"{path}: {task!r} must be a non-empty list of non-empty strings")
             if task == "st" and not all("{lang}" in s for s in options):
-                raise ValueError(f"{path}: every 'st' instruction needs the {{lang}} placeholder")
+                raise UserError(f"{path}: every 'st' instruction needs the {{lang}} placeholder")
             self.options[task] = options
 
     def _read_salmonn(self, table, path):
@@ -137,7 +151,7 @@ class Instructions:
                 continue
             prompts = [value] if isinstance(value, str) else value
             if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
-                raise ValueError(f"{path}: {name!r} must be a prompt or a non-empty list of prompts")
+                raise UserError(f"{path}: {name!r} must be a prompt or a non-empty list of prompts")
             self.options[task if lang is None else f"st:{lang}"] = [_salmonn_instruction(p, path, name)
                                                                      for p in prompts]
         if self.ignored:
@@ -175,10 +189,10 @@ def _salmonn_instruction(prompt, path, name):
     if text.startswith(SALMONN_SPEECH):
         text = text[len(SALMONN_SPEECH):].strip()
     elif SALMONN_SPEECH in text:
-        raise ValueError(f"{path}: {name!r}: {prompt!r} puts the speech inside the instruction; the templates here "
+        raise UserError(f"{path}: {name!r}: {prompt!r} puts the speech inside the instruction; the templates here "
                          f"put it before the instruction (as SALMONN's own prompts do)")
     if not text:
-        raise ValueError(f"{path}: {name!r}: a prompt with no instruction")
+        raise UserError(f"{path}: {name!r}: a prompt with no instruction")
     return text
 
 # ----------------------------------------------------------------------------- manifests
@@ -253,14 +267,16 @@ def read_manifest(path, skip_bad=False):
     with skip_bad=True it is skipped instead: each reason is logged (logging.warning), the number of
     skipped lines is logged once and added to STATS["bad_lines"]; the return value is only the good entries."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise UserError(f"manifest not found: {path}")
     with open(path, encoding="utf-8") as f:
         if str(path).endswith(".json"):
             try:
                 doc = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("annotation"), list):
-                raise ValueError(f'{path}: a .json manifest must be SALMONN\'s {{"annotation": [...]}}; use .jsonl for JSON lines')
+                raise UserError(f'{path}: a .json manifest must be SALMONN\'s {{"annotation": [...]}}; use .jsonl for JSON lines')
             records = [(f"annotation[{i}]", a, _check_salmonn) for i, a in enumerate(doc["annotation"])]
         else:
             records = [(f"line {n}", line, _check) for n, line in enumerate(f, 1) if line.strip()]
@@ -277,7 +293,7 @@ def read_manifest(path, skip_bad=False):
                 raise ValueError(f"duplicate id {entry['id']!r}")
         except ValueError as e:
             if not skip_bad:
-                raise ValueError(f"{path}: {where}: {e}") from None
+                raise UserError(f"{path}: {where}: {e}") from None
             log.warning("skipping %s: %s: %s", path, where, e)
             n_bad += 1
             continue
@@ -348,14 +364,32 @@ class WeightedMixSampler(Sampler):
 # ----------------------------------------------------------------------------- audio
 
 
-class AudioError(ValueError):
-    """An audio file that is missing, empty or cannot be decoded."""
+class AudioError(UserError):
+    """An audio file that is missing, empty, cannot be decoded or holds non-finite samples."""
+
+
+class Skipped:
+    """What SpeechDataset gives for an unreadable item under skip_bad: its id and why (the Collator drops it,
+    listing the id in batch["skipped"] and counting it in batch["counts"]["bad_audio"])."""
+
+    def __init__(self, id, reason):
+        self.id, self.reason = id, reason
+
+    def __repr__(self):
+        return f"Skipped({self.id!r}, {self.reason!r})"
+
+
+def window_seconds(feature_extractor):
+    """The input window of a Whisper checkpoint, from its feature extractor: n_samples / sampling_rate
+    (30.0 for every released Whisper; a short-input one, like the demo's, has less). Longer clips are cut to it."""
+    return feature_extractor.n_samples / feature_extractor.sampling_rate
 
 
 def load_audio(path, sample_rate=SAMPLE_RATE, max_seconds=30.0):
     """Read any soundfile format (wav, flac, mp3, ogg, ...) -> (wav float32 (T,) mono at sample_rate,
     truncated: bool). Channels are averaged; resampling is soxr's band-limited "HQ" filter; T >= sample_rate
-    (zero-padded to 1 s) and T <= max_seconds * sample_rate (longer audio is cut, logged, counted)."""
+    (zero-padded to 1 s) and T <= max_seconds * sample_rate (longer audio is cut, logged, counted).
+    Non-finite samples (NaN, Inf: possible in float WAV/FLAC) raise AudioError like an undecodable file."""
     path = str(path)
     if not os.path.isfile(path):
         raise AudioError(f"audio file not found: {path}")
@@ -368,6 +402,11 @@ def load_audio(path, sample_rate=SAMPLE_RATE, max_seconds=30.0):
         raise AudioError(f"cannot decode audio file {path}: {e}") from None
     if len(wav) == 0:
         raise AudioError(f"audio file has no samples: {path}")
+    bad = ~np.isfinite(wav)
+    if bad.any():
+        first = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise AudioError(f"audio file has {int(bad.sum())} non-finite samples (NaN or Inf; the first at "
+                         f"{first / sr:.3f} s): {path}")
     truncated = len(wav) > limit
     wav = wav.mean(axis=1)
     if sr != sample_rate:
@@ -385,11 +424,12 @@ def load_audio(path, sample_rate=SAMPLE_RATE, max_seconds=30.0):
 
 
 class SpeechDataset(Dataset):
-    """entries (from read_manifest) -> items {id, wav, instruction, target, transcript, task, tgt_lang}.
+    """entries (from read_manifest) -> items {id, wav, instruction, target, transcript, task, tgt_lang, truncated}.
     target: asr -> text, aac -> caption (text), st -> translation; transcript: text for asr/st, None for aac.
     instructions: None (fixed defaults), an Instructions object, or the path of an alternatives JSON file.
-    A bad audio file raises AudioError naming the entry; with skip_bad=True the item is None (logged,
-    counted in STATS["bad_audio"]) and the Collator drops it."""
+    max_seconds: where audio is cut (give window_seconds(feature_extractor); the Collator cuts there too).
+    A bad audio file raises AudioError naming the entry; with skip_bad=True the item is Skipped(id, reason)
+    (logged, counted in STATS["bad_audio"] of this process) and the Collator drops it."""
 
     def __init__(self, entries, instructions=None, skip_bad=False, max_seconds=30.0):
         self.entries, self.skip_bad, self.max_seconds = list(entries), skip_bad, max_seconds
@@ -401,38 +441,67 @@ class SpeechDataset(Dataset):
     def __getitem__(self, i):
         e = self.entries[i]
         try:
-            wav, _ = load_audio(e["audio"], SAMPLE_RATE, self.max_seconds)
+            wav, truncated = load_audio(e["audio"], SAMPLE_RATE, self.max_seconds)
         except AudioError as err:
             msg = f"entry {e['id']!r} ({e.get('where', 'no manifest')}): {err}"
             if not self.skip_bad:
                 raise AudioError(msg) from None
             STATS["bad_audio"] += 1
             log.warning("skipping %s", msg)
-            return None
-        return dict(id=e["id"], wav=wav, task=e["task"], tgt_lang=e["tgt_lang"],
+            return Skipped(e["id"], msg)
+        return dict(id=e["id"], wav=wav, task=e["task"], tgt_lang=e["tgt_lang"], truncated=truncated,
                     instruction=self.instructions(e["task"], e["tgt_lang"], key=i),
                     target=e["translation"] if e["task"] == "st" else e["text"],
                     transcript=None if e["task"] == "aac" else e["text"])
 
 
+def is_empty(batch):
+    """A collated batch with no item left (every clip unreadable under skip_bad; None from older collators)."""
+    return batch is None or (isinstance(batch, dict) and "ids" in batch and not batch["ids"])
+
+
+def batch_counts(batch):
+    """{"bad_audio": n, "truncated": n} of a collated batch ({} for batches without counts)."""
+    return dict(batch.get("counts", {})) if isinstance(batch, dict) else {}
+
+
 class Collator:
     """list of items -> the batch dict that model.LSM takes:
-    ids, mel (B, n_mels, 3000) Whisper log-mel of the 30 s padded clip, wav (B, T) zero-padded to the
-    longest, wav_lens (B,) real samples, instructions, targets, transcripts, tasks, tgt_langs.
-    None items (bad audio under skip_bad) are dropped; a batch with no item left collates to None (the
-    training loop skips it; under DDP that desynchronizes ranks, so clean data remains the goal).
+    ids, mel (B, n_mels, frames) Whisper log-mel of the clip padded to Whisper's window, wav (B, T) zero-padded to
+    the longest, wav_lens (B,) real samples, instructions, targets, transcripts, tasks, tgt_langs; and the batch's
+    own record: skipped (ids of Skipped items, dropped), truncated (ids of cut clips), counts {"bad_audio",
+    "truncated"}.
+    A clip longer than Whisper's window (feature_extractor.n_samples) is cut to it here, for Whisper and BEATs
+    alike, and counted as truncated (once, also when load_audio had already cut it). A batch with no item left
+    is {"ids": [], "skipped": [...], "counts": {...}} (is_empty): the training loop runs no forward for it.
     feature_extractor: transformers.WhisperFeatureExtractor of the Whisper checkpoint (n_mels 80 or 128)."""
 
     def __init__(self, feature_extractor):
         if feature_extractor.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"feature extractor expects {feature_extractor.sampling_rate} Hz, data is {SAMPLE_RATE} Hz")
+            raise UserError(f"feature extractor expects {feature_extractor.sampling_rate} Hz, data is {SAMPLE_RATE} Hz")
         self.feature_extractor = feature_extractor
+        self.max_samples = int(feature_extractor.n_samples)
+        seconds = window_seconds(feature_extractor)
+        if seconds < 30.0:
+            log.warning("this Whisper's input window is %.2f s (feature extractor n_samples %d), shorter than the "
+                        "usual 30 s: longer clips are cut to %.2f s for Whisper and BEATs alike (counted as "
+                        "'truncated')", seconds, self.max_samples, seconds)
 
     def __call__(self, items):
-        items = [x for x in items if x is not None]
+        skipped = [x.id for x in items if isinstance(x, Skipped)] + [None for x in items if x is None]
+        items = [x for x in items if x is not None and not isinstance(x, Skipped)]
+        wavs, truncated = [], []
+        for x in items:
+            cut = len(x["wav"]) > self.max_samples
+            if cut:
+                log.warning("truncated %r from %.2f s to Whisper's window of %.2f s", x["id"],
+                            len(x["wav"]) / SAMPLE_RATE, self.max_samples / SAMPLE_RATE)
+            if cut or x.get("truncated"):
+                truncated.append(x["id"])
+            wavs.append(x["wav"][:self.max_samples])
+        counts = {"bad_audio": len(skipped), "truncated": len(truncated)}
         if not items:
-            return None
-        wavs = [x["wav"] for x in items]
+            return {"ids": [], "skipped": skipped, "truncated": truncated, "counts": counts}
         mel = self.feature_extractor(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
         lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
         wav = torch.zeros(len(wavs), int(lens.max()))
@@ -441,4 +510,5 @@ class Collator:
         return {"ids": [x["id"] for x in items], "mel": mel.float(), "wav": wav, "wav_lens": lens,
                 "instructions": [x["instruction"] for x in items], "targets": [x["target"] for x in items],
                 "transcripts": [x["transcript"] for x in items], "tasks": [x["task"] for x in items],
-                "tgt_langs": [x["tgt_lang"] for x in items]}
+                "tgt_langs": [x["tgt_lang"] for x in items], "skipped": skipped, "truncated": truncated,
+                "counts": counts}

@@ -49,14 +49,22 @@ model, then --ckpt) on the same pairs, with the same t-SNE settings and the same
 optional: only --tsne and --fig6 need them. Figure 6 (--fig6, from metrics.json files): ST BLEU against the
 alignment degree, one labelled point per system (mean ± sd over its seeds).
 
-Sharding: under torchrun every rank decodes a contiguous slice of the manifest (a batch is the same in any run
-when the slices are multiples of --batch-size, so hypotheses do not depend on the number of processes) and rank 0
-gathers the results (all_gather_object), puts them back in manifest order, scores and writes. CPU: gloo; GPU: nccl.
+Sharding: the manifest is cut into batches of --batch-size consecutive entries, the same for any number of
+processes, and under torchrun every rank decodes a contiguous run of those batches (so hypotheses do not depend on
+the number of processes). Each rank appends its hypotheses, batch by batch as they are decoded, to its own file
+<output-dir>/partial/hyps.<mode>.rank<r>.jsonl (flushed; a line cut by a kill is ignored), and rank 0 merges
+the files in manifest order once every entry is there. No collective waits for the slowest rank's decoding
+(ranks are compared through the files, which must be on a filesystem all ranks see), so ranks that differ by
+more than --dist-timeout still finish. A killed or failed evaluation run again with the same settings decodes
+only the batches that are missing (with other settings the partial files are discarded, as it says); the
+partial folder is removed when metrics.json is written. --skip-bad leaves out entries whose audio cannot be
+read (listed under "skipped" in metrics.json, BLEU over the rest, said on stderr). CPU: gloo; GPU: nccl.
 
 Outputs of rank 0 in --output-dir: hyps.st.jsonl / hyps.mt.jsonl (manifest order; id, src, reference,
 hypothesis, tgt_lang), metrics.json (BLEU and chrF with signatures per mode and language, the paired bootstrap,
-alignment, the training run's seed from its args.json, arguments); on stdout the score lines and a summary table
-in the form of the paper's tables (Markdown).
+alignment, skipped entries, the training run's seed from its args.json, arguments; strict JSON: a non-finite
+number is written as null); on stdout the score lines and a summary table in the form of the paper's tables
+(Markdown).
 """
 import argparse
 import contextlib
@@ -66,6 +74,7 @@ import math
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -367,8 +376,10 @@ def score_hyps_file(args):
 # ----------------------------------------------------------------------------- ranks
 
 
-def init_distributed():
-    """torchrun (WORLD_SIZE > 1) -> process group (nccl on GPU, gloo on CPU). Returns (rank, world, device)."""
+def init_distributed(timeout_minutes=60.0):
+    """torchrun (WORLD_SIZE > 1) -> process group (nccl on GPU, gloo on CPU) with a finite collective timeout
+    (--dist-timeout). Returns (rank, world, device)."""
+    import datetime
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
@@ -376,7 +387,7 @@ def init_distributed():
     local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)  # before init: nccl's all_gather_object uses the current device
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
@@ -399,12 +410,16 @@ def gather(local, world):
 def load_model(args, device, verbose):
     """LSM.from_trainable(--ckpt): base checkpoints from CKPT.json unless --whisper/--beats/--llm/--llm-dtype say."""
     from model import LSM  # imported here: --hyps and --table need no torch model stack (transformers, peft)
-    if not os.path.isfile(args.ckpt) or not os.path.isfile(args.ckpt + ".json"):
-        raise EvalError(f"--ckpt {args.ckpt}: expected the trainable weights there and their build arguments in "
-                        f"{args.ckpt}.json (both written by LSM.save_trainable)")
+    check_ckpt(args)
     overrides = {k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype") if getattr(args, k) is not None}
     lsm = LSM.from_trainable(args.ckpt, verbose=verbose, **overrides)
     return lsm.to(device).eval()
+
+
+def check_ckpt(args):
+    if not os.path.isfile(args.ckpt) or not os.path.isfile(args.ckpt + ".json"):
+        raise EvalError(f"--ckpt {args.ckpt}: expected the trainable weights there and their build arguments in "
+                        f"{args.ckpt}.json (both written by LSM.save_trainable)")
 
 
 def autocast(lsm):
@@ -416,13 +431,16 @@ def autocast(lsm):
     return contextlib.nullcontext()
 
 
-def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers):
+def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers, skip_bad=False):
     """Collated speech batches (data.py) of entries[indices], in that order. The dataset holds all entries so the
-    instruction of item i is keyed by its manifest index, the same on every rank."""
+    instruction of item i is keyed by its manifest index, the same on every rank. Audio is cut at the Whisper
+    checkpoint's window (data.window_seconds); with skip_bad an unreadable clip is dropped from its batch and
+    listed in batch["skipped"]."""
     from torch.utils.data import DataLoader, Subset
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
-    ds = Subset(data.SpeechDataset(entries, instructions), indices)
+    ds = Subset(data.SpeechDataset(entries, instructions, skip_bad=skip_bad, max_seconds=data.window_seconds(fe)),
+                indices)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=data.Collator(fe))
 
@@ -437,29 +455,198 @@ def text_batches(entries, indices, batch_size, instructions):
                    tgt_langs=[e["tgt_lang"] for _, e in es])
 
 
+def manifest_batches(n, batch_size):
+    """The batches of a manifest of n entries: consecutive runs of batch_size indices (any number of processes)."""
+    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
+
+
+PARTIAL = "partial"
+
+
+def partial_path(out_dir, mode, rank):
+    return os.path.join(out_dir, PARTIAL, f"hyps.{mode}.rank{rank}.jsonl")
+
+
+def read_partial(out_dir, mode):
+    """{manifest index: record} from every rank's partial file of `mode` (any earlier number of processes too);
+    lines that are not whole JSON records (the last line of a killed writer) are ignored, and a hypothesis wins
+    over a "skipped" record of the same entry."""
+    folder, done = os.path.join(out_dir, PARTIAL), {}
+    prefix = f"hyps.{mode}.rank"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not (name.startswith(prefix) and name.endswith(".jsonl")):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("index"), int):
+                    if rec["index"] not in done or "skipped" in done[rec["index"]]:  # a hypothesis wins
+                        done[rec["index"]] = rec
+    return done
+
+
+class PartialWriter:
+    """Appends this rank's records, one batch per write, flushed and fsync'ed, to its partial file. A line cut
+    short by an earlier kill is removed first, so the next record starts on a line of its own."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                content = f.read()
+            if content and not content.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(content.rfind(b"\n") + 1)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, records):
+        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def decoding_config(args, entries):
+    """What the hypotheses depend on: partial results are reused only if it is unchanged (--skip-bad is not part
+    of it: a hypothesis does not depend on it; without it, entries an earlier run skipped are decoded again)."""
+    def stamp(path):
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+    return dict(ckpt=stamp(args.ckpt), manifest=stamp(args.manifest), n=len(entries), num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, instructions=args.instructions,
+                limit=args.limit, backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
+
+
+def prepare_partial(out_dir, config, rank, world):
+    """Rank 0 keeps the partial results of an earlier run with the same decoding config, or discards them (saying
+    so); then every rank starts (one barrier, before any model is loaded)."""
+    folder = os.path.join(out_dir, PARTIAL)
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        cfg_path = os.path.join(folder, "config.json")
+        old = None
+        if os.path.exists(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except json.JSONDecodeError:
+                old = None
+        if old != config:
+            stale = [n for n in os.listdir(folder) if n.endswith(".jsonl")]
+            if stale:
+                log(f"{folder}: partial hypotheses of an evaluation with other settings: discarded "
+                    f"({len(stale)} files)")
+            for n in stale:
+                os.remove(os.path.join(folder, n))
+            tmp = f"{cfg_path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(config, f)
+            os.replace(tmp, cfg_path)
+        else:
+            n_done = {m: len(read_partial(out_dir, m)) for m in ("st", "mt")}
+            if any(n_done.values()):
+                log(f"resuming the evaluation in {out_dir}: " + ", ".join(f"{m} {k} entries already decoded"
+                                                                       for m, k in n_done.items() if k))
+    if world > 1:
+        dist.barrier()
+
+
 @torch.no_grad()
-def decode(lsm, entries, mode, args, rank, world):
-    """Translate this rank's shard of `entries`, gather -> records (manifest order) on every rank."""
-    indices = shard(len(entries), rank, world)
+def decode(lsm, entries, mode, args, rank, world, out_dir=None):
+    """Translate this rank's run of the manifest's batches (manifest_batches). With out_dir, each batch's records
+    are appended to this rank's partial file as soon as it is decoded, and batches already there (from an earlier,
+    killed run) are not decoded again; returns nothing (read the merged result with wait_for_partial). Without
+    out_dir (--audio): gather -> records (manifest order) on every rank. A record is {index, id, src, reference,
+    hypothesis, tgt_lang}, or {index, id, skipped: reason} for an entry whose audio could not be read (--skip-bad)."""
+    batches = manifest_batches(len(entries), args.batch_size)
+    mine = [batches[j] for j in shard(len(batches), rank, world)]
+    writer = None
+    if out_dir is not None:
+        done = read_partial(out_dir, mode)
+        if not args.skip_bad:  # entries skipped by an earlier --skip-bad run are decoded (or fail) again
+            done = {i: r for i, r in done.items() if "skipped" not in r}
+        mine = [b for b in mine if not all(i in done for i in b)]
+        writer = PartialWriter(partial_path(out_dir, mode, rank))
+    indices = [i for b in mine for i in b]
     instructions = data.Instructions(args.instructions)
     if mode == "st":
-        batches = speech_batches(lsm, entries, indices, args.batch_size, instructions, args.num_workers)
+        loader = speech_batches(lsm, entries, indices, args.batch_size, instructions, args.num_workers,
+                                skip_bad=args.skip_bad)
     else:
-        batches = text_batches(entries, indices, args.batch_size, instructions)
-    records, k = [], 0
-    bar = tqdm(batches, total=math.ceil(len(indices) / args.batch_size), desc=f"decode {mode}", unit="batch",
-               disable=rank != 0, file=sys.stderr)
-    for batch in bar:
-        with autocast(lsm):
-            hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-        for utt_id, hyp in zip(batch["ids"], hyps):
-            i = indices[k]
+        loader = text_batches(entries, indices, args.batch_size, instructions)
+    records = []
+    bar = tqdm(zip(mine, loader), total=len(mine), desc=f"decode {mode}", unit="batch", disable=rank != 0,
+               file=sys.stderr)
+    for batch_indices, batch in bar:
+        hyps = []
+        if not data.is_empty(batch):
+            with autocast(lsm):
+                hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        kept, out = iter(zip(batch["ids"], hyps)), []
+        skipped, cut = set(batch.get("skipped", [])), set(batch.get("truncated", []))
+        pending = next(kept, None)
+        for i in batch_indices:
             e = entries[i]
-            assert utt_id == e["id"], (utt_id, e["id"])  # no item may be dropped or reordered
-            records.append(dict(index=i, id=e["id"], src=e["text"], reference=e["translation"],
-                                hypothesis=hyp.replace("\n", " "), tgt_lang=e["tgt_lang"]))
-            k += 1
+            if pending is not None and pending[0] == e["id"]:
+                out.append(dict(index=i, id=e["id"], src=e["text"], reference=e["translation"],
+                                hypothesis=pending[1].replace("\n", " "), tgt_lang=e["tgt_lang"],
+                                **({"truncated": True} if e["id"] in cut else {})))
+                pending = next(kept, None)
+            else:
+                assert e["id"] in skipped, (e["id"], batch["ids"])  # no item may be dropped silently or reordered
+                out.append(dict(index=i, id=e["id"], skipped="unreadable audio (--skip-bad)"))
+        assert pending is None, pending
+        if writer is not None:
+            writer.write(out)
+        else:
+            records += out
+    if writer is not None:
+        writer.close()
+        return None
     return sorted(gather(records, world), key=lambda r: r["index"])
+
+
+def wait_for_partial(out_dir, modes, n, skip_bad, poll_seconds=2.0, say_every=300.0):
+    """Wait, without any collective, until the partial files hold all n entries of every mode (without skip_bad, a
+    hypothesis for each); -> {mode: records in manifest order}. Says on stderr what is still missing every
+    `say_every` seconds."""
+    t0 = last = time.time()
+    while True:
+        results = {m: {i: r for i, r in read_partial(out_dir, m).items() if skip_bad or "skipped" not in r}
+                   for m in modes}
+        missing = {m: n - len([i for i in r if 0 <= i < n]) for m, r in results.items()}
+        if not any(missing.values()):
+            return {m: [r[i] for i in range(n)] for m, r in results.items()}
+        if time.time() - last > say_every:
+            last = time.time()
+            log(f"waiting for the other ranks' hypotheses ({time.time() - t0:.0f} s): still missing "
+                + ", ".join(f"{m} {k}" for m, k in missing.items() if k))
+        time.sleep(poll_seconds)
+
+
+def finite_json(x):
+    """x with every non-finite float replaced by None (NaN is not JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- alignment degree and Figure 5
 
@@ -882,28 +1069,49 @@ def read_entries(args):
 def run(args):
     """Model path: decode (--manifest or --audio), score, alignment, t-SNE; rank 0 writes and prints."""
     entries = read_entries(args)
+    check_ckpt(args)
     if args.manifest and "none" not in args.mode:  # fail before any decoding
         for lang in sorted({e["tgt_lang"] for e in entries}):
             check_tokenizer(bleu_tokenizer(lang, args.tokenize))
     baselines = read_baselines(args, entries)
     if args.tsne:
         _plot_libs()
-    rank, world, device = init_distributed()
+    out_dir = None
+    if not args.audio:
+        out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
+                                                  os.path.splitext(os.path.basename(args.manifest))[0])
+    modes = [m for m in args.mode if m != "none"]
+    rank, world, device = init_distributed(args.dist_timeout)
     try:
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            if rank == 0:
+                clean_temporaries(out_dir)
+            if modes:
+                prepare_partial(out_dir, decoding_config(args, entries), rank, world)
         lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
         layers = sorted(set(args.alignment or []) | ({0} if args.tsne else set()))
         if any(not 0 <= l <= lsm.n_layers for l in layers):  # say so now, not after hours of decoding
             raise EvalError(f"--alignment {' '.join(map(str, args.alignment))}: the LLM has layers 0 (embeddings) "
                             f".. {lsm.n_layers}")
-        results = {mode: decode(lsm, entries, mode, args, rank, world) for mode in args.mode if mode != "none"}
+        results = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
+        if out_dir is not None and modes and (rank == 0 or layers):  # the others may leave: no collective follows
+            results = wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
         reps = None
         if layers:
-            pairs = random.Random(args.seed).sample(range(len(entries)), min(args.num_pairs, len(entries)))
+            skipped = {r["index"] for rs in results.values() for r in rs if "skipped" in r}
+            pool = [i for i in range(len(entries)) if i not in skipped]
+            pairs = random.Random(args.seed).sample(pool, min(args.num_pairs, len(pool)))
             reps = representations(lsm, entries, pairs, layers, args, rank, world, pooled=bool(args.tsne))
         if args.tsne_base:  # Figure 5's first panel: the base model on the same pairs (one model in memory at once)
             del lsm
             base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
             base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
+    except RuntimeError as e:
+        failure = _collective_failure(e, rank, args.dist_timeout) if world > 1 else None
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -911,26 +1119,36 @@ def run(args):
         return None
     if args.audio:
         for r in results["st"]:
-            print(r["hypothesis"])
+            print(r["hypothesis"] if "hypothesis" in r else "")
         return results
 
-    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
-                                              os.path.splitext(os.path.basename(args.manifest))[0])
-    os.makedirs(out_dir, exist_ok=True)
     metrics = dict(name=args.name or os.path.relpath(args.ckpt), ckpt=args.ckpt, manifest=args.manifest,
-                   n=len(entries), world_size=world, train=training_run(args.ckpt), bleu={})
+                   n=len(entries), world_size=world, train=training_run(args.ckpt), bleu={}, skipped={}, truncated={})
     for mode, records in results.items():
-        with open(os.path.join(out_dir, f"hyps.{mode}.jsonl"), "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps({k: r[k] for k in ("id", "src", "reference", "hypothesis", "tgt_lang")},
-                                   ensure_ascii=False) + "\n")
+        skipped = [r for r in records if "skipped" in r]
+        cut = [r["id"] for r in records if r.get("truncated")]
+        if cut:
+            metrics["truncated"][mode] = cut
+            log(f"{len(cut)} clip(s) longer than Whisper's input window were cut to it (listed in metrics.json)")
+        records = [r for r in records if "skipped" not in r]
+        results[mode] = records
+        write_atomic(os.path.join(out_dir, f"hyps.{mode}.jsonl"), "".join(
+            json.dumps({k: r[k] for k in ("id", "src", "reference", "hypothesis", "tgt_lang")}, ensure_ascii=False)
+            + "\n" for r in records))
+        if skipped:
+            metrics["skipped"][mode] = [r["id"] for r in skipped]
+            log(f"--skip-bad: {len(skipped)} of {len(entries)} entries have unreadable audio and are NOT in the {mode} "
+                f"BLEU below: {[r['id'] for r in skipped][:10]}{' ...' if len(skipped) > 10 else ''} "
+                f"(all listed in metrics.json)")
+        if not records:
+            raise EvalError(f"{args.manifest}: no entry of --mode {mode} could be decoded (all skipped)")
         metrics["bleu"][mode] = score_records(records, args.tokenize)
         if mode in baselines:
             path, base = baselines[mode]
             add_paired(metrics["bleu"][mode], *common_segments(records, base, f"the {mode} hypotheses", path),
                        args.tokenize, source=path, whole_baseline=base)
         for lang, s in metrics["bleu"][mode].items():
-            print(score_report(f"{mode.upper()} {lang}", s))
+            print(score_report(f"{mode.upper()} {lang}" + (f" [{len(skipped)} skipped]" if skipped else ""), s))
     if args.alignment:
         metrics["alignment"] = summarize_alignment(reps, args.alignment)
         a = metrics["alignment"]
@@ -945,12 +1163,43 @@ def run(args):
                                base_ckpt=args.tsne_base)
         print(f"Figure 5 (t-SNE of layer 0, {len(reps)} pairs; {' | '.join(n for n, *_ in panels)}): {args.tsne}")
     metrics["args"] = vars(args)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1, ensure_ascii=False)
+    metrics = finite_json(metrics)
+    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1, ensure_ascii=False,
+                                                                   allow_nan=False))
+    _remove_partial(out_dir)
     print(f"\nhypotheses and metrics.json in {out_dir}\n")
     print(summary_table([metrics]))
     metrics["records"] = results  # for callers (tests); not written
     return metrics
+
+
+def _remove_partial(out_dir):
+    """The partial hypotheses are merged into hyps.*.jsonl: remove them (rank 0, every rank has finished)."""
+    folder = os.path.join(out_dir, PARTIAL)
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+def clean_temporaries(out_dir):
+    """Remove `<file>.tmp<pid>` files that a kill during write_atomic left in out_dir."""
+    import re
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r"(?:hyps\.(?:st|mt)\.jsonl|metrics\.json)\.tmp\d+", name):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _collective_failure(err, rank, minutes):
+    """A collective's RuntimeError -> EvalError saying what happened (a stuck or dead rank), or None."""
+    text = str(err)
+    if "imed out" in text or "Timeout" in text:
+        return EvalError(f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} minutes: "
+                         f"another process is stuck or dead (see its output). ({text.strip()[:300]})")
+    if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+        return EvalError(f"rank {rank}: lost the connection to another process, which ended (see its output for "
+                         f"why). ({text.strip()[:300]})")
+    return None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -987,6 +1236,14 @@ def build_parser():
                                           "prompts/test_prompt.json (data.Instructions; a list: one per item, seeded "
                                           "by its index); default: 'Translate the speech into <language>.'")
     g.add_argument("--limit", type=int, help="evaluate only the first N entries of the manifest")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out entries whose audio cannot be read (missing, undecodable, NaN/Inf samples) instead "
+                        "of stopping: listed in metrics.json under 'skipped', BLEU over the rest")
+    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+                   help="torchrun: a collective waiting longer than this for another process ends the evaluation "
+                        "with an error (a dead or stuck rank). Decoding itself waits on no collective (ranks write "
+                        "their hypotheses to files that rank 0 merges), so this need only cover the slowest rank's "
+                        "model load and the --alignment / --tsne pass")
     g = p.add_argument_group("BLEU")
     g.add_argument("--tokenize", help="SacreBLEU tokenizer for every language (default: zh -> zh, ja -> ja-mecab, "
                                       "else 13a)")
@@ -1067,5 +1324,9 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (EvalError, FileNotFoundError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    except (EvalError, data.UserError, FileNotFoundError, FileExistsError) as e:
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        text = str(e)
+        if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the message
+            text = [l for l in text.splitlines() if l.strip()][-1].split(": ", 1)[-1]
+        sys.exit(f"evaluate.py: error: {f'[rank {rank}] ' if rank else ''}{text}")

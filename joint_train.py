@@ -156,13 +156,17 @@ def gather_rows(x):
 
 def read_layers(path):
     """layers.json of select_layers.py -> its "selected" list (error if empty)."""
-    with open(path) as f:
-        selected = json.load(f).get("selected")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise data.UserError(f"--layers-from {path}: cannot read it ({e})") from None
+    selected = doc.get("selected") if isinstance(doc, dict) else None
     if not isinstance(selected, list) or not all(isinstance(l, int) for l in selected):
-        raise ValueError(f"--layers-from {path}: no list of integers under 'selected'")
+        raise data.UserError(f"--layers-from {path}: no list of integers under 'selected'")
     if not selected:
-        raise ValueError(f"--layers-from {path}: no layer passed the threshold; give --layers by hand "
-                         f"(the paper always keeps layer 0)")
+        raise data.UserError(f"--layers-from {path}: no layer passed the threshold; give --layers by hand "
+                             f"(the paper always keeps layer 0)")
     return selected
 
 
@@ -202,21 +206,29 @@ def main(argv=None):
     if args.align != "ot" and layers:
         print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
     args.layers = layers if args.align == "ot" else None
+    before = data.STATS["bad_lines"]
     train_entries = data.read_manifest(args.train, skip_bad=args.skip_bad)
+    bad_lines = data.STATS["bad_lines"] - before
     dev_entries = data.read_manifest(args.dev, skip_bad=args.skip_bad) if args.dev else None
+    for name, path, entries in (("--train", args.train, train_entries), ("--dev", args.dev, dev_entries)):
+        if entries is not None and not entries:
+            raise data.UserError(f"{name} {path}: no usable entry" + (" (every line was skipped as broken)"
+                                                                      if args.skip_bad else ""))
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))
     objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature,
                       args.align_positions, args.ot_cost)
     from transformers import WhisperFeatureExtractor
-    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
+    fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
+    collate, cut = data.Collator(fe), data.window_seconds(fe)
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in args.json
-    dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad) if dev_entries else None
-    return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad),
-                       collate, dev_set=dev)
+    dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad, max_seconds=cut) if dev_entries else None
+    return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad,
+                                                           max_seconds=cut), collate, dev_set=dev,
+                       bad_lines=bad_lines)
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "joint_train.py")

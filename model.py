@@ -33,6 +33,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel, WhisperModel
 
 import beats as beats_lib
+from data import UserError
 
 SAMPLE_RATE = 16000
 FRAMES_30S = 1500  # Whisper encoder frames for its fixed 30 s input (50 Hz)
@@ -307,7 +308,7 @@ class LSM(nn.Module):
     def _check_layers(self, layers):
         bad = [l for l in layers if not (isinstance(l, int) and 0 <= l <= self.n_layers)]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the LLM has layers 0 (embeddings) .. {self.n_layers}")
+            raise UserError(f"layers {bad} out of range: the LLM has layers 0 (embeddings) .. {self.n_layers}")
 
     @staticmethod
     def _gather(h, pos, pos_mask):
@@ -436,26 +437,53 @@ class LSM(nn.Module):
         state, own = load_file(path), self.trainable_state()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{path}: does not match this model's trainable parameters: missing {missing[:5]}"
+            raise UserError(f"{path}: does not match this model's trainable parameters: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''} (was it saved with other model flags? "
                              f"see {path}.json)")
         with torch.no_grad():
             for n, p in own.items():
                 if p.shape != state[n].shape:
-                    raise ValueError(f"{path}: {n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
+                    raise UserError(f"{path}: {n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
                 p.copy_(state[n])
         return self
 
     @classmethod
     def from_trainable(cls, path, **overrides):
-        """Rebuild the model from `path`.json (overrides replace entries, e.g. llm=...) and load `path`."""
-        with open(path + ".json") as f:
-            cfg = {**json.load(f), **overrides}
-        return cls(**cfg).load_trainable(path)
+        """Rebuild the model from `path`.json (overrides replace entries, e.g. llm=...) and load `path`.
+        A missing or unreadable file raises UserError naming it."""
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file (the trainable weights written by a stage's LSM.save_trainable, "
+                            f"e.g. runs/stage1/last.safetensors)")
+        try:
+            with open(path + ".json") as f:
+                cfg = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"{path}.json is missing: save_trainable writes the model's build arguments beside "
+                            f"{path}; copy both") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}.json: not the JSON save_trainable writes ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{path}.json: expected a JSON object of build arguments")
+        cfg = {**cfg, **overrides}
+        from safetensors import SafetensorError, safe_open
+        try:  # the header only: a text or truncated file fails here, before minutes of model building
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                            f"{str(e).strip()[:200]})") from None
+        check_backbones(cfg.get("whisper"), cfg.get("llm"))
+        lsm = cls(**cfg)
+        try:
+            return lsm.load_trainable(path)
+        except (SafetensorError, OSError) as e:  # a file cut short after its header
+            raise UserError(f"{path}: cannot read the trainable weights ({type(e).__name__}: "
+                            f"{str(e).strip()[:200]})") from None
 
     @classmethod
     def from_args(cls, args):
+        check_backbones(args.whisper, args.llm)
         return cls(whisper=args.whisper, llm=args.llm, beats=None if args.no_beats else args.beats,
                    lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                    lora_targets=args.lora_targets, template=args.template, speech_tokens=args.speech_tokens,
@@ -463,6 +491,20 @@ class LSM(nn.Module):
                    qformer_layers=args.qformer_layers, qformer_hidden=args.qformer_hidden,
                    qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn,
                    beats_unsafe_load=args.beats_unsafe_load)
+
+
+def check_backbones(whisper, llm):
+    """A local --whisper / --llm that is not a transformers checkpoint folder fails here, naming the flag
+    (transformers would try the hub, or say to install sentencepiece for an empty folder). Hub ids pass."""
+    for name, path in (("--whisper", whisper), ("--llm", llm)):
+        if not isinstance(path, str):
+            continue
+        local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+        if local and not os.path.isdir(os.path.expanduser(path)):
+            raise UserError(f"{name} {path}: no such folder (give a save_pretrained folder or a hub id)")
+        if local and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise UserError(f"{name} {path}: no config.json there, so not a transformers checkpoint folder "
+                            f"(save_pretrained writes config.json, the weights and the tokenizer / preprocessor files)")
 
 
 def add_model_args(parser):

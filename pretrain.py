@@ -59,21 +59,25 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     sources = train.parse_manifests(args.train)
+    before = data.STATS["bad_lines"]
     entries = [data.read_manifest(path, skip_bad=args.skip_bad) for path, _ in sources]
     for (path, _), e in zip(sources, entries):
         if not e:
-            raise ValueError(f"--train {path}: no usable entry")
+            raise data.UserError(f"--train {path}: no usable entry" + (" (every line was skipped as broken)"
+                                                                       if args.skip_bad else ""))
     torch.manual_seed(args.seed)  # the same fresh Q-Former / projector / LoRA on every rank
     lsm = M.LSM.from_args(args)
     from transformers import WhisperFeatureExtractor
-    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(args.whisper))
+    fe = WhisperFeatureExtractor.from_pretrained(args.whisper)
+    collate = data.Collator(fe)
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in args.json
-    dataset = data.SpeechDataset([x for e in entries for x in e], instructions, skip_bad=args.skip_bad)
+    dataset = data.SpeechDataset([x for e in entries for x in e], instructions, skip_bad=args.skip_bad,
+                                 max_seconds=data.window_seconds(fe))
     sizes = [len(e) for e in entries]
     shares = mix(args, sources, sizes)
     return train.train(args, train.Objective(lsm), dataset, collate, sizes=sizes, weights=shares,
-                       epoch_size=args.epoch_size)
+                       epoch_size=args.epoch_size, bad_lines=data.STATS["bad_lines"] - before)
 
 
 def mix(args, sources, sizes):
@@ -82,7 +86,7 @@ def mix(args, sources, sizes):
     try:
         shares = data.mix_shares(sizes, [w for _, w in sources], args.mix_by)
     except ValueError as e:
-        raise ValueError(f"--train: {e}") from None
+        raise data.UserError(f"--train: {e}") from None
     draws = args.max_steps * args.batch_size
     args.mix = [dict(path=path, entries=n, weight=w, share=share, passes=share * draws / n)
                 for (path, w), n, share in zip(sources, sizes, shares)]
@@ -95,4 +99,4 @@ def mix(args, sources, sizes):
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "pretrain.py")

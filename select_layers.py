@@ -12,7 +12,16 @@ text j (eq. 3):
     MRR^(l)  = 1/N sum_i 1 / r_i                                                    (eq. 4)
     I        = { l : MRR^(l) > threshold }                                          (eq. 5, threshold 0.05)
 
-Output (--output-dir): layers.json {"mrr": {layer: MRR}, "selected": I, "threshold", "num_pairs", "args"}
+Chance level. If a layer's states carried no information about the pairing, every r_i would be uniform on 1..N
+and independent over i, so
+    E[MRR] = H_N / N,   sd[MRR] = sqrt((H2_N / N - (H_N / N)^2) / N),   H_N = sum_{r<=N} 1/r, H2_N = sum 1/r^2
+(N = 1000: 0.0075 +- 0.0013; N = 100: 0.052, already above the paper's 0.05; N = 1: exactly 1). Where
+chance + 3 sd reaches the threshold, a layer without any alignment is likely to be selected: the script
+refuses before loading the model unless --allow-chance-level, and prints the chance level beside the table.
+Non-finite distances (NaN states) are refused, naming the pairs: a NaN row would otherwise rank every text first.
+
+Output (--output-dir): layers.json {"mrr": {layer: MRR}, "selected": I, "threshold", "num_pairs", "chance":
+{"mrr", "sd"}, "counts" (unreadable clips skipped, clips cut to Whisper's window), "skipped" (their ids), "args"}
 (joint_train.py --layers-from reads "selected"), mrr_per_layer.png (paper Figure 4; needs matplotlib), and
 the table on stdout. The 2N forwards keep every layer's states in CPU memory (real positions only, in the
 LLM's dtype), so N = 1000 x 29 layers of a 7B model fit; the N x N problems of a layer run on --device in
@@ -23,6 +32,7 @@ blocks with a progress bar.
 """
 import argparse
 import json
+import math
 import os
 import random
 
@@ -52,6 +62,28 @@ def mean_reciprocal_rank(D):
     return (1.0 / ranks(D).double()).mean().item()
 
 
+def chance_mrr(n):
+    """(mean, sd) of the MRR of N independent uniformly random rankings of N candidates (module docstring)."""
+    h1 = sum(1.0 / r for r in range(1, n + 1))
+    h2 = sum(1.0 / r ** 2 for r in range(1, n + 1))
+    mean = h1 / n
+    return mean, math.sqrt(max(h2 / n - mean ** 2, 0.0) / n)
+
+
+def chance_within_reach(n, threshold, sds=3.0):
+    """True when chance-level MRR + `sds` standard deviations reaches the threshold (selection meaningless)."""
+    mean, sd = chance_mrr(n)
+    return mean + sds * sd >= threshold
+
+
+def pairs_needed(threshold, sds=3.0, limit=10 ** 6):
+    """The smallest N for which chance level stays clear of the threshold (None if none up to `limit`)."""
+    n = 2
+    while n <= limit and chance_within_reach(n, threshold, sds):
+        n = n * 2 if chance_within_reach(2 * n, threshold, sds) else n + 1
+    return n if n <= limit else None
+
+
 def select(mrr, threshold):
     """Eq. 5: the layers whose MRR is above the threshold, in increasing order."""
     return sorted(l for l, v in mrr.items() if v > threshold)
@@ -68,12 +100,19 @@ def pad(states):
 
 
 def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096, rows=32, device="cpu",
-               cost="sqeuclidean"):
+               cost="sqeuclidean", ids=None):
     """speech / text: {layer: list of N tensors (n_i, d) / (m_i, d)} (pair i = speech i, text i)
     -> {layer: MRR}. D^(l) is computed in blocks of `rows` speech rows on `device`, with the ground cost `cost`
-    (model.cost_points: sqeuclidean or cosine)."""
+    (model.cost_points: sqeuclidean or cosine). A non-finite distance raises data.UserError naming the layer and
+    the pairs (ids[i], or the index i) involved."""
     out = {}
+    name = lambda idx: [ids[i] if ids is not None else i for i in idx[:10]] + (["..."] if len(idx) > 10 else [])
     for l in sorted(speech):
+        for side, states in (("speech", speech[l]), ("transcript", text[l])):
+            bad = [i for i, h in enumerate(states) if not torch.isfinite(h).all()]
+            if bad:
+                raise data.UserError(f"layer {l}: the {side} states of {len(bad)} pair(s) are not finite (NaN/Inf), "
+                                     f"pairs {name(bad)}: refusing to rank their distances")
         x, xm = pad(speech[l])
         y, ym = (t.to(device) for t in pad(text[l]))
         x, y, scale = M.cost_points(x, y, cost)  # scale: 1, or 1/2 for cosine (it does not change a ranking)
@@ -82,6 +121,11 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
             D[i:i + rows] = ot.pairwise_wasserstein(x[i:i + rows].to(device), y, xm[i:i + rows].to(device), ym,
                                                     eps=eps, n_iters=n_iters,
                                                     chunk_size=chunk_size).double().cpu() * scale
+        bad = ~torch.isfinite(D)
+        if bad.any():
+            rows_ = torch.nonzero(bad.any(1)).flatten().tolist()
+            raise data.UserError(f"layer {l}: {int(bad.sum())} of {D.numel()} distances are not finite (rows of the "
+                                 f"pairs {name(rows_)}): refusing to rank them")
         out[l] = mean_reciprocal_rank(D)
     return out
 
@@ -92,14 +136,20 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
 @torch.no_grad()
 def collect_states(lsm, loader, layers, autocast, positions="real"):
     """Run every batch through speech_forward and text_forward (same instruction). Returns
-    ({l: [speech states at the aligned positions (n_i, d)]}, {l: [transcript states (m_i, d)]}) on the CPU; the
-    positions: model.alignment_mask(out, positions) (real windows, or all the LLM saw). The speech
+    ({l: [speech states at the aligned positions (n_i, d)]}, {l: [transcript states (m_i, d)]}, {"ids", "counts",
+    "skipped"} of the pairs read) on the CPU; the positions: model.alignment_mask(out, positions) (real windows, or
+    all the LLM saw). The speech
     forward also sees the target after the instruction; by causality the states at the speech positions do not
     depend on it."""
     speech, text = {l: [] for l in layers}, {l: [] for l in layers}
+    ids, counts, skipped = [], {"bad_audio": 0, "truncated": 0}, []
     for batch in tqdm(loader, desc="forwards"):
-        if batch is None:
+        for key, n in data.batch_counts(batch).items():
+            counts[key] = counts.get(key, 0) + n
+        skipped += (batch or {}).get("skipped", [])
+        if data.is_empty(batch):
             continue
+        ids += batch["ids"]
         with autocast():
             out = lsm.speech_forward(batch, layers)
             hid_t, mask_t = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
@@ -107,7 +157,7 @@ def collect_states(lsm, loader, layers, autocast, positions="real"):
         for l in layers:  # aligned speech positions / transcript tokens are a prefix of each row
             speech[l] += [h[:n].cpu() for h, n in zip(out["hidden"][l], n_s)]
             text[l] += [h[:n].cpu() for h, n in zip(hid_t[l], n_t)]
-    return speech, text
+    return speech, text, dict(ids=ids, counts=counts, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- output
@@ -136,9 +186,12 @@ def plot(mrr, threshold, path, title):
     return True
 
 
-def table(mrr, selected):
-    lines = ["layer  MRR      selected"]
-    lines += [f"{l:5d}  {mrr[l]:.4f}   {'*' if l in selected else ''}" for l in sorted(mrr)]
+def table(mrr, selected, chance=None):
+    """The MRR per layer, with the chance level (mean, sd) beside it if given."""
+    lines = ["layer  MRR      selected" + ("   chance level" if chance else "")]
+    beside = f"          {chance[0]:.4f} +- {chance[1]:.4f}" if chance else ""
+    lines += [f"{l:5d}  {mrr[l]:.4f}   {'*' if l in selected else ' '}" + (beside if i == 0 else "")
+              for i, l in enumerate(sorted(mrr))]
     return "\n".join(lines)
 
 
@@ -152,6 +205,9 @@ def parser():
     p.add_argument("--output-dir", required=True)
     p.add_argument("--num-pairs", type=int, default=1000, help="random pairs N (all if the manifest has fewer)")
     p.add_argument("--threshold", type=float, default=0.05, help="select layers with MRR above this (eq. 5)")
+    p.add_argument("--allow-chance-level", action="store_true",
+                   help="run even when chance-level MRR (H_N / N + 3 sd for N pairs) reaches --threshold, so that a "
+                        "layer without any alignment is likely to pass (paper: N = 1000, chance 0.0075)")
     p.add_argument("--seed", type=int, default=0, help="which pairs are sampled")
     p.add_argument("--batch-size", type=int, default=8, help="forward batch")
     p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
@@ -177,42 +233,68 @@ def parser():
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.num_pairs < 2:
+        p.error(f"--num-pairs must be >= 2 (retrieval needs wrong candidates), got {args.num_pairs}")
     entries = [e for e in data.read_manifest(args.manifest, skip_bad=args.skip_bad) if e["task"] != "aac"]
     if len(entries) < 2:
-        raise ValueError(f"--manifest {args.manifest}: need at least 2 entries with transcripts (asr/st), "
-                         f"found {len(entries)}")
+        raise data.UserError(f"--manifest {args.manifest}: need at least 2 entries with transcripts (asr/st), "
+                             f"found {len(entries)}")
     if len(entries) < args.num_pairs:
         print(f"--num-pairs {args.num_pairs}: {args.manifest} has {len(entries)} usable entries; using all")
     pairs = random.Random(args.seed).sample(entries, min(args.num_pairs, len(entries)))
+    chance = chance_mrr(len(pairs))
+    if chance_within_reach(len(pairs), args.threshold):
+        need = pairs_needed(args.threshold)
+        msg = (f"with {len(pairs)} pairs the chance-level MRR is {chance[0]:.4f} +- {chance[1]:.4f} (H_N / N), within "
+               f"reach of --threshold {args.threshold}: a layer without any speech-text alignment is likely to be "
+               f"selected" + (f"; use at least {need} pairs" if need else ""))
+        if not args.allow_chance_level:
+            raise data.UserError(msg + ", or --allow-chance-level to run anyway")
+        print(f"warning: {msg} (--allow-chance-level)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    train.clean_temporaries(args.output_dir, ["layers.json"])
 
     device = torch.device(args.device)
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args)).to(device).eval()
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
-    collate = data.Collator(WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"]))
+    fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
+    collate = data.Collator(fe)
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in layers.json
-    dataset = data.SpeechDataset(pairs, instructions, skip_bad=args.skip_bad)
+    dataset = data.SpeechDataset(pairs, instructions, skip_bad=args.skip_bad, max_seconds=data.window_seconds(fe))
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    speech, text = collect_states(lsm, loader, layers, autocast, args.align_positions)
+    speech, text, read = collect_states(lsm, loader, layers, autocast, args.align_positions)
     llm_name = os.path.basename(lsm.build_args["llm"].rstrip("/"))
     del lsm  # free the device for the distances
+    n = len(read["ids"])
+    if read["skipped"]:
+        print(f"--skip-bad: {len(read['skipped'])} of {len(pairs)} pairs had unreadable audio and are left out: "
+              f"{read['skipped'][:10]}{' ...' if len(read['skipped']) > 10 else ''}")
+    if n < 2:
+        raise data.UserError(f"--manifest {args.manifest}: {n} readable pair(s) left, retrieval needs at least 2")
+    chance = chance_mrr(n)
+    if n != len(pairs) and chance_within_reach(n, args.threshold):
+        print(f"warning: with the {n} readable pairs the chance-level MRR is {chance[0]:.4f} +- {chance[1]:.4f}, "
+              f"within reach of --threshold {args.threshold}")
 
     mrr = layer_mrrs(speech, text, eps=args.ot_eps, n_iters=args.ot_iters, chunk_size=args.chunk_size,
-                     rows=args.rows, device=device, cost=args.ot_cost)
+                     rows=args.rows, device=device, cost=args.ot_cost, ids=read["ids"])
     selected = select(mrr, args.threshold)
-    os.makedirs(args.output_dir, exist_ok=True)
     result = dict(mrr={str(l): v for l, v in mrr.items()}, selected=selected, threshold=args.threshold,
-                  num_pairs=len(speech[0]), args=vars(args))
+                  num_pairs=n, chance=dict(mrr=chance[0], sd=chance[1]), counts=read["counts"],
+                  skipped=read["skipped"], args=vars(args))
     train.atomic(os.path.join(args.output_dir, "layers.json"),
                  lambda path: train.write_text(path, json.dumps(result, indent=1)))
     plot(mrr, args.threshold, os.path.join(args.output_dir, "mrr_per_layer.png"),
-         f"speech-to-text retrieval, {len(speech[0])} pairs ({llm_name})")
-    print(table(mrr, selected))
+         f"speech-to-text retrieval, {n} pairs ({llm_name})")
+    print(table(mrr, selected, chance))
     print(f"selected layers (MRR > {args.threshold}): {selected} -> {os.path.join(args.output_dir, 'layers.json')}")
+    print(f"data: {read['counts']['bad_audio']} unreadable clip(s) skipped, {read['counts']['truncated']} clip(s) cut "
+          f"to Whisper's window")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "select_layers.py")

@@ -1,20 +1,29 @@
 """The one training loop of AI-STA, shared by stage 1 (pretrain.py) and stage 3 (joint_train.py).
 
-Plain PyTorch: run with `python` (one process) or `torchrun --nproc_per_node N` (DistributedDataParallel over
-the trainable parameters; nccl on CUDA, gloo on CPU). Every rank loads the frozen encoders and LLM itself.
+Plain PyTorch: run with `python` (one process) or `torchrun --nproc_per_node N` (data parallel over the
+trainable parameters: their gradients are all-reduced once per step; nccl on CUDA, gloo on CPU). Every rank
+loads the frozen encoders and LLM itself.
 
 Batches. --batch-size is the GLOBAL batch B (paper: 32) = b x k x W, with b = --per-device-batch-size,
 k = --grad-accum and W = the number of processes. Each epoch has one global order of the training items, a
 function of (--seed, epoch) only (data.WeightedMixSampler: the weighted mixture of the manifests; one
 manifest = a shuffle). Step s of an epoch takes the items order[s*B : (s+1)*B] and cuts them into W*k
 micro-batches of b consecutive items; rank r runs micro-batches r*k .. r*k + k - 1. Hence
-  * a step's gradient is the mean over its W*k micro-batch losses for any factorisation of B (DDP averages
-    over ranks, accumulation divides by k), up to the order of the float additions: 2 ranks x 1 micro-batch
-    give exactly the weights of 1 rank x 2 accumulated micro-batches (tests/test_train.py).
+  * a step's gradient is the mean over its W*k micro-batch losses for any factorisation of B (the gradient sums
+    are all-reduced over ranks and divided by W*k), up to the order of the float additions: 2 ranks x 1
+    micro-batch give exactly the weights of 1 rank x 2 accumulated micro-batches (tests/test_train.py).
     (DistributedSampler's strided split would group different items into a micro-batch for different W.)
   * the data position is (epoch, step in epoch): --resume skips the consumed batches without reading them.
 Dropout: torch's RNG is reseeded before every micro-batch from (seed, step, micro-batch index in the global
 batch), so dropout masks depend neither on W and k nor on where a run was resumed.
+
+Unreadable items (--skip-bad): an item whose audio cannot be read is dropped from its micro-batch (the
+micro-batch loss is the mean over the items left); a micro-batch with none left runs no forward and the step's
+gradient is the mean over its non-empty micro-batches (all ranks together: the divisor is their global count),
+so an unreadable item costs nothing but its own absence, at any position, and a resume across it equals the
+uninterrupted run. A step with no readable item at all makes no update (Adam does not step) and logs no loss.
+The gradients are all-reduced by this loop itself (no DistributedDataParallel), so a rank may skip a forward;
+an objective must therefore not run collectives inside forward().
 
 Optimiser (paper appendix A.1, SALMONN): AdamW(beta1 0.9, beta2 0.999, eps 1e-8), weight decay 0.05 on
 weight matrices only (biases, norms and other 1-d parameters have none); only trainable parameters.
@@ -24,18 +33,32 @@ Learning rate at step s (0-based), SALMONN's linear warm-up + cosine schedule, m
 lr_0 = --warmup-start-lr 1e-6, lr_max = --lr 3e-5, lr_min = --min-lr 1e-5, S_w = --warmup-steps,
 S = --max-steps.
 
-Non-finite loss or gradient norm (both are all-reduced, so every rank sees the same): the step is skipped
-on all ranks (gradients zeroed, no update; the step still counts: its data is consumed and the schedule
-moves on) and counted ("bad_steps" in the metrics); --max-bad-steps in a row stop the run with an error,
-without writing a checkpoint, so the last good one stays intact.
+Non-finite loss or gradient norm (identical on every rank): the step is skipped on all ranks (gradients zeroed,
+no update; the step still counts: its data is consumed and the schedule moves on) and counted ("bad_steps" in
+the metrics); no checkpoint is written during a streak of them (a due one waits for the next finite step), and
+--max-bad-steps in a row stop the run with an error naming the last checkpoint, which is from before the streak.
 
-Output folder (--output-dir): args.json; metrics.jsonl (one JSON object per --log-every steps: "step" = steps
-done, means over those steps of the objective's values, "lr" of the last one, "grad_norm", "samples_per_s",
-"bad_steps"; one per validation with "split": "dev"; an "end" record); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
-scheduler, step, data position, per-rank RNG states, early-stopping state); last.safetensors (+ .json:
-LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation
+Resume (--resume). checkpoint.pt stores the training-relevant flags (training_record). A resume whose flags
+differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
+the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
+eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
+values held. --seed, --batch-size, --train (and the manifests' sizes), --epoch-size, --align and --init can
+never change. Another number of processes keeps the checkpoint's micro-batch size and adapts the accumulation
+(exact up to float summation order), or stops where B / (b x W) is not a whole number.
+
+Processes: a collective that waits more than --dist-timeout minutes (a dead or stuck rank) ends the run with
+`<script>.py: error: rank R: ...` instead of hanging.
+
+Output folder (--output-dir): args.json (+ the batch layout used and the resume history); metrics.jsonl (one
+JSON object per --log-every steps: "step" = steps done, means over those steps of the objective's values,
+"lr" of the last one, "grad_norm", "samples_per_s", "bad_steps", and the data counts summed over workers and
+ranks "n_bad_audio" (unreadable clips skipped) and "n_truncated" (clips cut to Whisper's window); one per
+validation with "split": "dev"; an "end" record with the run's totals: "counts", "bad_lines" (manifest lines
+skipped), "empty_steps"); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
+scheduler, step, data position, per-rank RNG states, early-stopping state, training record); last.safetensors
+(+ .json: LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation
 accuracy). Every file is written under a temporary name and renamed (os.replace): a kill never leaves a
-half-written file.
+half-written file, and the temporary files a kill leaves are removed when a run starts and ends.
 
 The objective is an nn.Module (Objective below is stage 1's; joint_train.Joint extends it):
     forward(batch)  -> dict of scalar tensors: "loss" is minimised; every entry is logged, as the mean over
@@ -45,12 +68,14 @@ The objective is an nn.Module (Objective below is stage 1's; joint_train.Joint e
     enable_gradient_checkpointing()
 """
 import argparse
-import contextlib
 import copy
+import datetime
 import json
 import math
 import os
 import random
+import re
+import sys
 import time
 
 import numpy as np
@@ -84,6 +109,11 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
     g.add_argument("--output-dir", required=True, help="run folder: args, metrics, checkpoints")
     g.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/checkpoint.pt (starts fresh if there is none yet)")
+    g.add_argument("--resume-changes", default="refuse", choices=["refuse", "apply"],
+                   help="--resume with training settings that differ from the checkpoint's: refuse (stop and list "
+                        "them) or apply (train with the new values from the resumed step on: schedule, every optimizer "
+                        "group; recorded in args.json and metrics.jsonl). --seed, --batch-size, --train, --epoch-size, "
+                        "--align and --init can never change")
     g.add_argument("--seed", type=int, default=42, help="initialisation, data order and dropout")
     g.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     g.add_argument("--warmup-start-lr", type=float, default=1e-6, help="learning rate at step 0")
@@ -111,6 +141,11 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
     g.add_argument("--skip-bad", action="store_true",
                    help="skip broken manifest lines and unreadable audio instead of stopping (both are counted)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+                   help="torchrun: a collective that waits longer than this for another process ends the run with an "
+                        "error (a dead or stuck rank) instead of hanging. Long enough for the slowest rank to load a "
+                        "13B model from a shared filesystem and for a checkpoint write or a validation pass, which "
+                        "the other ranks wait for")
     g.add_argument("--instructions", default=None,
                    help="JSON file of alternative instructions per task, one drawn per item: this project's format "
                         "or SALMONN's prompts/train_prompt.json (data.Instructions; None: the fixed ones)")
@@ -134,7 +169,7 @@ def parse_manifests(specs):
         except ValueError:  # a colon that is part of the path
             out.append((spec, 1.0))
         if out[-1][1] < 0:
-            raise ValueError(f"--train {spec}: the sampling weight must be >= 0")
+            raise data.UserError(f"--train {spec}: the sampling weight must be >= 0")
     return out
 
 
@@ -197,16 +232,36 @@ class Objective(nn.Module):
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def init_distributed():
-    """-> (rank, world_size, device). Starts the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def init_distributed(timeout_minutes=60.0):
+    """-> (rank, world_size, device). Starts the process group when launched by torchrun (WORLD_SIZE > 1), with a
+    finite collective timeout (--dist-timeout): a dead or stuck rank ends the run with a message, not a hang."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank() if world > 1 else 0), world, device
+
+
+class DistError(data.UserError):
+    """A collective failed: another rank is stuck past --dist-timeout, or died."""
+
+
+def collective_failure(err, rank, timeout_minutes):
+    """A RuntimeError raised by a collective -> DistError with what it means, or None if it is something else.
+    gloo says 'Timed out waiting Nms' (this rank waited --dist-timeout for a peer) or 'Connection closed by peer'
+    (a peer died, e.g. after its own timeout or error); nccl's watchdog aborts the process by itself."""
+    text = str(err)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return DistError(f"rank {rank}: a collective did not complete within --dist-timeout {timeout_minutes:g} "
+                         f"minutes: another process is stuck or dead (see its output). ({text.strip()[:300]})")
+    if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+        return DistError(f"rank {rank}: lost the connection to another process, which ended (see its output for "
+                         f"why). ({text.strip()[:300]})")
+    return None
 
 
 def batch_layout(args, world):
@@ -219,10 +274,32 @@ def batch_layout(args, world):
     elif k is None:
         k = B // (b * world) if B % (b * world) == 0 else 0
     if b < 1 or k < 1 or b * k * world != B:
-        raise ValueError(f"--batch-size {B} (global) must equal --per-device-batch-size x --grad-accum x number of "
-                         f"processes ({world}); got --per-device-batch-size {args.per_device_batch_size} and "
-                         f"--grad-accum {args.grad_accum}")
+        raise data.UserError(f"--batch-size {B} (global) must equal --per-device-batch-size x --grad-accum x number of "
+                             f"processes ({world}); got --per-device-batch-size {args.per_device_batch_size} and "
+                             f"--grad-accum {args.grad_accum}")
     return b, k
+
+
+def resume_layout(args, world, ck, path):
+    """The batch layout of a resumed run: the checkpoint's micro-batch size b is kept (unless
+    --per-device-batch-size says otherwise, a change of setting), the accumulation becomes B / (b x processes).
+    With the same b every step consists of the same micro-batches with the same dropout seeds, whatever the
+    number of processes: only the order of the float additions of the gradient sum changes. Where B / (b x
+    processes) is not a whole number, stop with what would work."""
+    b = args.per_device_batch_size if args.per_device_batch_size is not None else ck["micro_batch"]
+    B = args.batch_size
+    if B % (b * world) == 0 and (args.grad_accum is None or args.grad_accum * b * world == B):
+        return b, B // (b * world)
+    if args.grad_accum is not None and B % (b * world) == 0:
+        given = argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=args.grad_accum)
+        return batch_layout(given, world)
+    fits = [w for w in range(1, B // b + 1) if (B // b) % w == 0] if B % b == 0 else []
+    raise data.UserError(
+        f"--resume: {path} was trained with micro-batches of {ck['micro_batch']} per device (global batch {B} = "
+        f"{ck['micro_batch']} x {ck.get('grad_accum', '?')} accumulation x {ck['world_size']} processes); with "
+        f"{world} processes and micro-batches of {b}, {B} / ({b} x {world}) is not a whole number of accumulation "
+        f"steps. Resume with {' or '.join(map(str, fits))} processes (the same steps), or choose another micro-batch "
+        f"with --per-device-batch-size N --resume-changes apply (the steps then average other groups of items)")
 
 
 def lr_at(step, args):
@@ -246,6 +323,75 @@ def build_optimizer(model, args):
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args) / args.lr)
     return opt, sched
+
+
+def apply_settings(opt, sched, args, step):
+    """Make a restored optimizer and schedule follow this run's flags from `step` on (--resume-changes apply):
+    the restored state carries the old base lr (LambdaLR scales it by lr_at(s, new) / new lr: neither schedule)
+    and the old weight decay, betas and eps of every group (load_state_dict restores the groups' settings)."""
+    for group, wd in zip(opt.param_groups, (args.weight_decay, 0.0)):
+        group.update(weight_decay=wd, betas=tuple(args.adam_betas), eps=args.adam_eps, initial_lr=args.lr,
+                     lr=lr_at(step, args))
+    sched.base_lrs = [args.lr] * len(opt.param_groups)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+# ----------------------------------------------------------------------------- what a resume may change
+
+# Flags that do not change what is trained (where and how often to write, how to run, what to do on errors).
+RESUME_IGNORED = frozenset({"output_dir", "resume", "resume_changes", "save_every", "log_every", "num_workers",
+                            "stop_after_steps", "gradient_checkpointing", "max_bad_steps", "skip_bad", "dist_timeout",
+                            "grad_accum"})
+# Flags a resumed run can never change: the data position, order and initialisation depend on them.
+RESUME_FIXED = frozenset({"seed", "batch_size", "train", "epoch_size", "align", "init"})
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def training_record(args, micro_batch):
+    """The training-relevant settings of this run, as stored in checkpoint.pt (JSON values): every flag except
+    RESUME_IGNORED, and the micro-batch size actually used."""
+    rec = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}, default=str))
+    rec["per_device_batch_size"] = micro_batch
+    return rec
+
+
+def record_changes(saved, new):
+    """[(flag name, checkpoint value, new value)] for the settings both records have and that differ."""
+    return [(k, saved[k], new[k]) for k in sorted(set(saved) & set(new)) if saved[k] != new[k]]
+
+
+def check_fixed(ck, args, sizes, path):
+    """Refuse a resume that changes what cannot change (RESUME_FIXED, the manifests' sizes)."""
+    saved = ck.get("record") or dict(batch_size=ck["batch_size"], seed=ck["seed"])  # older checkpoints
+    new = training_record(args, None)
+    fixed = [c for c in record_changes(saved, new) if c[0] in RESUME_FIXED]
+    if ck.get("sizes") is not None and list(ck["sizes"]) != list(sizes):
+        fixed.append(("train", f"{ck['sizes']} entries", f"{list(sizes)} entries"))
+    if fixed:
+        raise data.UserError(f"--resume: {path} cannot continue with these settings (the data position, order or "
+                             f"initialisation depend on them):\n" + "\n".join(
+                                 f"  {flag(k)}: checkpoint {old!r}, this run {new!r}" for k, old, new in fixed))
+
+
+def check_changes(ck, rec, args, path):
+    """-> the changed settings [(flag, old, new)] that --resume-changes apply takes over; with the default
+    (refuse) any change stops the run with the list."""
+    if "record" not in ck:
+        return []
+    changes = [c for c in record_changes(ck["record"], rec) if c[0] not in RESUME_FIXED]
+    if changes and args.resume_changes != "apply":
+        raise data.UserError(
+            f"--resume: this run's settings differ from those {path} was trained with:\n"
+            + "\n".join(f"  {flag(k)}: checkpoint {old!r}, this run {new!r}" for k, old, new in changes)
+            + "\nGive the checkpoint's values to continue that run unchanged, or --resume-changes apply to train with "
+              "the new ones from here on (schedule and optimizer follow them; args.json and metrics.jsonl record from "
+              "which step).")
+    return changes
+
+# ----------------------------------------------------------------------------- pieces of the loop
 
 
 def epoch_order(sizes, weights, epoch_size, seed, epoch):
@@ -272,15 +418,20 @@ def micro_seed(seed, step, index):
 
 
 def rng_state():
+    """This process's RNG states; for CUDA only the current device's (a resume may see another number of GPUs)."""
     np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]], python=random.getstate())
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; take this device's if saved
+        index = torch.cuda.current_device() if torch.cuda.is_available() else -1
+        cuda = cuda[index] if 0 <= index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
@@ -305,14 +456,83 @@ def save_weights(model, path):
     os.replace(tmp, path)
 
 
+def clean_temporaries(folder, names):
+    """Remove what killed saves leave in `folder`: `<name>.tmp<pid>` (and its .json) for the given file names
+    (atomic, save_weights), and safetensors' own hidden `.tmpXXXXXX` files (it writes beside the target and
+    renames) when they hold a safetensors file or less than its header. Returns the removed names."""
+    ours = re.compile(r"^(?:%s)(?:\.json)?\.tmp\d+(?:\.json)?$" % "|".join(re.escape(n) for n in names))
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not ours.match(name):
+            if not re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name):
+                continue
+            with open(path, "rb") as f:
+                head = f.read(9)
+            if len(head) == 9 and head[8:9] != b"{":  # not a safetensors header (8-byte length, then JSON)
+                continue
+        os.remove(path)
+        removed.append(name)
+    return removed
+
+
 def all_reduce(t, world):
     if world > 1:
         dist.all_reduce(t)
     return t
 
 
+def all_gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(params, world, n, bucket_elements=1 << 25):
+    """Gradient of the step = (sum over ranks of this rank's summed micro-batch gradients) / n, with n the number of
+    non-empty micro-batches of the whole step. One all-reduce per bucket of <= bucket_elements values (per dtype);
+    a parameter without a gradient on this rank (no micro-batch here had readable audio) contributes zeros."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if world > 1:
+        by_dtype = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            bucket, size = [], 0
+            for g in group + [None]:
+                if g is None or (bucket and size + g.numel() > bucket_elements):
+                    flat = torch.cat([x.reshape(-1) for x in bucket])
+                    dist.all_reduce(flat)
+                    offset = 0
+                    for x in bucket:
+                        x.copy_(flat[offset:offset + x.numel()].view_as(x))
+                        offset += x.numel()
+                    bucket, size = [], 0
+                if g is not None:
+                    bucket.append(g)
+                    size += g.numel()
+    for g in grads:
+        g.div_(n)
+
+
+def broadcast_parameters(params, world):
+    """Rank 0's trainable parameters on every rank (they are equal by construction; this makes sure)."""
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
 def max_rank_divergence(params, world):
-    """max |p - p_on_rank_0| over the trainable parameters and ranks (0.0 when DDP keeps the replicas equal)."""
+    """max |p - p_on_rank_0| over the trainable parameters and ranks (0.0 when the replicas are equal)."""
     if world == 1:
         return 0.0
     flat = torch.cat([p.detach().float().flatten() for p in params])
@@ -324,13 +544,27 @@ def max_rank_divergence(params, world):
 
 
 class Metrics:
-    """metrics.jsonl writer (rank 0). On --resume, rows past the checkpoint's step (from the killed run) are dropped."""
+    """metrics.jsonl writer (rank 0). On --resume, rows past the checkpoint's step (from the killed run) are dropped,
+    and so is a last line cut short by a kill; a fresh run starts the file anew."""
 
     def __init__(self, folder, rank, resume_step=None):
         self.path, self.rank = os.path.join(folder, METRICS), rank
-        if rank == 0 and resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        if rank == 0 and os.path.exists(self.path):
+            keep = []
+            if resume_step is not None:
+                with open(self.path) as f:
+                    lines = [(n, l) for n, l in enumerate(f, 1) if l.strip()]
+                for i, (n, line) in enumerate(lines):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        if i == len(lines) - 1:  # the half-written last row of a killed run
+                            print(f"--resume: {self.path}: line {n} is cut short (a kill while writing): dropped")
+                            continue
+                        raise data.UserError(f"{self.path}: line {n}: invalid JSON ({e.msg}); fix or remove that "
+                                             f"line to resume") from None
+                    if row.get("step", 0) <= resume_step:
+                        keep.append(json.dumps(row) + "\n")
             atomic(self.path, lambda p: write_text(p, "".join(keep)))
 
     def write(self, row):
@@ -341,22 +575,30 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+COUNTS = ("bad_audio", "truncated")  # per-batch counts of data.Collator, summed over workers, ranks and steps
+
+
 @torch.no_grad()
 def validate(model, loader, world, autocast):
     """Teacher-forced next-token accuracy and loss of the target over the dev set (all ranks together):
-    acc = sum n_correct / sum n_tokens, loss = token-weighted mean cross-entropy."""
+    acc = sum n_correct / sum n_tokens, loss = token-weighted mean cross-entropy; the dev set's unreadable and
+    truncated clips are counted (n_bad_audio, n_truncated)."""
     model.eval()
-    tot = torch.zeros(3, dtype=torch.float64)  # loss * n_tokens, n_correct, n_tokens
+    tot = torch.zeros(3 + len(COUNTS), dtype=torch.float64)  # loss * n_tokens, n_correct, n_tokens, counts
     for batch in loader:
-        if batch is None:
+        counts = data.batch_counts(batch)
+        tot[3:] += torch.tensor([float(counts.get(c, 0)) for c in COUNTS], dtype=torch.float64)
+        if data.is_empty(batch):
             continue
         with autocast():
             out = model.evaluate(batch)
         n = out["n_tokens"].double().cpu()
-        tot += torch.stack([out["loss"].double().cpu() * n, out["n_correct"].double().cpu(), n])
+        tot[:3] += torch.stack([out["loss"].double().cpu() * n, out["n_correct"].double().cpu(), n])
     model.train()
     tot = all_reduce(tot.to(_reduce_device(model)), world).cpu()
-    return dict(loss=(tot[0] / tot[2]).item(), acc=(tot[1] / tot[2]).item(), n_tokens=int(tot[2]))
+    res = dict(loss=(tot[0] / tot[2]).item(), acc=(tot[1] / tot[2]).item(), n_tokens=int(tot[2]))
+    res.update({f"n_{c}": int(v) for c, v in zip(COUNTS, tot[3:].tolist())})
+    return res
 
 
 def _reduce_device(model):
@@ -367,46 +609,46 @@ def _reduce_device(model):
 # ----------------------------------------------------------------------------- the loop
 
 
-def take(batches, k, last, step):
-    """The next k micro-batches of this rank as (batch, weight) pairs. A micro-batch with no readable audio
-    (None under --skip-bad) is replaced by the previous one with weight 0, so every rank still runs the same
-    forward/backward collectives."""
-    out = []
-    for _ in range(k):
-        batch, weight = next(batches), 1.0
-        if batch is None:
-            if last[0] is None:
-                raise RuntimeError(f"step {step}: the first micro-batch has no readable audio")
-            batch, weight = last[0], 0.0
-        last[0] = batch
-        out.append((batch, weight))
-    return out
-
-
-def train_step(ddp, opt, params, micro, step, args, rank, world, autocast):
-    """One optimiser step over this rank's micro-batches [(batch, weight)]: the loss of each is divided by
-    k = len(micro) and back-propagated (DDP all-reduces the gradient sum on the last one, averaging over
-    ranks), then one all-reduce of the logged values and the gradient norm; the update is applied only if
-    both the loss and the gradient norm are finite. Returns the logs (identical on every rank) with
-    "skipped" = the step was not applied."""
+def train_step(model, opt, params, micro, step, args, rank, world, autocast):
+    """One optimiser step over this rank's k micro-batches. A micro-batch with no readable item (data.is_empty) runs
+    no forward; every other one back-propagates its loss (the mean over its own items' target tokens). Then one
+    gather of the logged sums and counts, and one all-reduce of the gradient sums; the step's gradient is their
+    sum divided by n = the number of non-empty micro-batches of the whole step (all ranks). So an unreadable item
+    costs only its own absence, wherever it is; with no bad data n = W*k and the gradient is the mean over the
+    W*k micro-batch losses for any factorisation of B. The update is applied only if the loss and gradient norm are
+    finite, and not at all if n == 0. Returns logs (identical on every rank): means over the non-empty micro-batches
+    ("loss", ...; counts "n_*" summed), "grad_norm", "n_bad_audio", "n_truncated", "skipped" (non-finite) and
+    "empty" (n == 0)."""
     k = len(micro)
     opt.zero_grad(set_to_none=True)
-    sums = {}
-    for j, (batch, weight) in enumerate(micro):
+    sums, counts, used = {}, {c: 0 for c in COUNTS}, 0
+    for j, batch in enumerate(micro):
+        for c, v in data.batch_counts(batch).items():
+            counts[c] = counts.get(c, 0) + v
+        if data.is_empty(batch):
+            continue
         torch.manual_seed(micro_seed(args.seed, step, rank * k + j))  # dropout independent of world size
-        with ddp.no_sync() if world > 1 and j < k - 1 else contextlib.nullcontext():
-            with autocast():
-                out = ddp(batch)
-            (out["loss"] * weight / k).backward()
+        with autocast():
+            out = model(batch)
+        out["loss"].backward()
+        used += 1
         for key, v in out.items():
-            sums[key] = sums.get(key, 0.0) + v.detach().double().cpu()
+            sums[key] = sums.get(key, 0.0) + v.detach().double().item()
+    parts = all_gather_objects((used, sums, counts), world)  # summed in rank order: identical on every rank
+    n = sum(p[0] for p in parts)
+    logs = {f"n_{c}": sum(p[2].get(c, 0) for p in parts) for c in COUNTS}
+    if n == 0:
+        opt.zero_grad(set_to_none=True)
+        return dict(logs, skipped=False, empty=True)
+    keys = sorted({key for p in parts for key in p[1]})
+    for key in keys:
+        total = sum(p[1].get(key, 0.0) for p in parts)
+        logs[key] = total if key.startswith("n_") else total / n
+    sync_gradients(params, world, n)
     grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    keys = sorted(sums)
-    vec = torch.stack([sums[key] for key in keys] + [grad_norm.detach().double().cpu()])
-    vec = all_reduce(vec.to(_reduce_device(ddp)), world).cpu()
-    logs = {key: (v if key.startswith("n_") else v / (world * k)).item() for key, v in zip(keys, vec)}
-    logs["grad_norm"] = vec[-1].item() / world  # the same on every rank (DDP all-reduced the gradients)
+    logs["grad_norm"] = grad_norm.item()  # the same on every rank: the gradients are
     logs["skipped"] = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
+    logs["empty"] = False
     if logs["skipped"]:
         opt.zero_grad(set_to_none=True)
     else:
@@ -415,29 +657,51 @@ def train_step(ddp, opt, params, micro, step, args, rank, world, autocast):
 
 
 def mean_logs(rows):
-    """Average step logs over a logging window (counts n_* summed); acc = n_correct / n_tokens if present."""
-    out = {key: sum(r[key] for r in rows) / (1 if key.startswith("n_") else len(rows)) for key in rows[0]}
+    """Average step logs over a logging window: each value over the steps that have it (a step whose every item
+    was unreadable has no loss), counts n_* summed; acc = n_correct / n_tokens if present."""
+    out = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        vals = [r[key] for r in rows if key in r]
+        out[key] = sum(vals) / (1 if key.startswith("n_") else len(vals))
     if out.get("n_tokens"):
         out["acc"] = out["n_correct"] / out["n_tokens"]
     return out
 
 
-def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None):
+def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None, bad_lines=0):
     """Train `model` (the objective, see the module docstring) on `train_set` (items indexed like the
     concatenation of sources with `sizes`, mixed with `weights`; default: one source, weight 1).
+    bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
     Returns a summary dict (step, bad_steps, best validation, ...)."""
-    rank, world, device = init_distributed()
+    timeout = getattr(args, "dist_timeout", 60.0)
+    rank, world, device = init_distributed(timeout)
     try:
         return _train(args, model, train_set, collate, sizes or [len(train_set)], weights or [1.0],
-                      epoch_size, dev_set, rank, world, device)
+                      epoch_size, dev_set, rank, world, device, bad_lines)
+    except RuntimeError as e:
+        failure = collective_failure(e, rank, timeout) if world > 1 else None
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device):
+OWN_FILES = (CHECKPOINT, LAST, BEST, METRICS, ARGS)
+
+
+def _read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, ...: say which file
+        raise data.UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}); it is "
+                             f"damaged or not a checkpoint of train.py (this code writes it atomically, so a kill does "
+                             f"not do that: was it copied or edited?)") from None
+
+
+def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device, bad_lines):
     from tqdm import tqdm
-    b, k = batch_layout(args, world)
     B, out_dir = args.batch_size, args.output_dir
     say = print if rank == 0 else (lambda *a, **kw: None)
     if sum(sizes) != len(train_set):
@@ -446,6 +710,22 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path) and not args.resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --output-dir")
+    if rank == 0:
+        removed = clean_temporaries(out_dir, OWN_FILES)
+        if removed:
+            say(f"removed {len(removed)} temporary file(s) left by a killed save in {out_dir}: {', '.join(removed)}")
+
+    resumed = args.resume and os.path.exists(ckpt_path)
+    ck = _read_checkpoint(ckpt_path) if resumed else None
+    if ck is not None:
+        check_fixed(ck, args, sizes, ckpt_path)
+    if ck is not None and "micro_batch" in ck:
+        b, k = resume_layout(args, world, ck, ckpt_path)
+    else:
+        b, k = batch_layout(args, world)
+    rec = training_record(args, b)
+    changes = check_changes(ck, rec, args, ckpt_path) if ck is not None else []
+    history = list(ck.get("history", [])) if ck is not None else []
 
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -453,23 +733,35 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = build_optimizer(model, args)
     st = dict(step=0, epoch=0, step_in_epoch=0, bad_steps=0, bad_in_row=0, best_acc=None, best_step=None,
-              since_best=0)
-    resumed = args.resume and os.path.exists(ckpt_path)
-    if resumed:
-        _load_checkpoint(ckpt_path, model, opt, sched, st, args, rank, world)
+              since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS})
+    layout_note = None
+    if ck is not None:
+        _load_checkpoint(ck, ckpt_path, model, opt, sched, st, rank, world)
         say(f"resumed {ckpt_path} at step {st['step']} (epoch {st['epoch']}, step {st['step_in_epoch']} of it)")
+        if changes:
+            apply_settings(opt, sched, args, st["step"])
+            history.append(dict(step=st["step"], changes={k_: dict(old=o, new=n) for k_, o, n in changes}))
+            say(f"--resume-changes apply: from step {st['step']} on " + ", ".join(
+                f"{flag(k_)} {n!r} (was {o!r})" for k_, o, n in changes))
+        if (ck["world_size"], ck.get("grad_accum", k)) != (world, k):
+            layout_note = dict(world_size=[ck["world_size"], world], grad_accum=[ck.get("grad_accum"), k],
+                               per_device_batch_size=b)
+            say(f"--resume: {ck['world_size']} -> {world} process(es): micro-batches of {b} per device kept, "
+                f"accumulation {ck.get('grad_accum')} -> {k}; every step has the same micro-batches and dropout "
+                f"masks (reseeded per micro-batch), only the order of the float additions of the gradient changes")
     elif args.resume:
         say(f"--resume: no {ckpt_path} yet, starting from scratch")
+    meta = dict(record=rec, history=history, sizes=list(sizes), micro_batch=b, grad_accum=k)
     if rank == 0:
-        atomic(os.path.join(out_dir, ARGS), lambda p: write_text(p, json.dumps(vars(args), indent=1)))
+        record = dict(vars(args), layout=dict(per_device_batch_size=b, grad_accum=k, world_size=world),
+                      resume_history=history)
+        atomic(os.path.join(out_dir, ARGS), lambda p: write_text(p, json.dumps(record, indent=1, default=str)))
     metrics = Metrics(out_dir, rank, st["step"] if resumed else None)
+    if changes or layout_note:
+        metrics.write(dict(event="resume", step=st["step"], changes=history[-1]["changes"] if changes else {},
+                           **(layout_note or {})))
 
-    ddp = model
-    if world > 1:
-        # the frozen encoders and LLM come from the same files on every rank: no need to broadcast them
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    broadcast_parameters(params, world)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     dev_loader = None
@@ -481,32 +773,40 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
         f"process(es) on {device}, {sum(p.numel() for p in params):,} trainable parameters, steps "
         f"{st['step']} -> {args.max_steps}")
     bar = tqdm(total=args.max_steps, initial=st["step"], disable=rank != 0, dynamic_ncols=True, desc="train")
-    window, t_last, steps_run, last, stop = [], time.time(), 0, [None], None
+    window, t_last, steps_run, stop = [], time.time(), 0, None
     validated_at = saved_at = st["step"] if resumed else None
+    pending_save = False  # a checkpoint due during a streak of non-finite steps waits for a finite one
     if dev_loader is not None and args.patience > 0 and st["since_best"] >= args.patience:
         stop = "early_stop"  # a resumed run that had already stopped early
     while stop is None and st["step"] < args.max_steps:
         order = epoch_order(sizes, weights, epoch_size or sum(sizes), args.seed, st["epoch"])
         if len(order) < B:
-            raise ValueError(f"an epoch has {len(order)} items, fewer than one global batch (--batch-size {B})")
+            raise data.UserError(f"an epoch has {len(order)} items, fewer than one global batch (--batch-size {B})")
         micro = rank_micro_batches(order, st["step_in_epoch"], B, b, k, rank)
         batches = iter(DataLoader(train_set, batch_sampler=micro, **loader_kw))
         while stop is None and st["step"] < args.max_steps and st["step_in_epoch"] < len(order) // B:
             lr = opt.param_groups[0]["lr"]
-            logs = train_step(ddp, opt, params, take(batches, k, last, st["step"]), st["step"], args, rank, world,
+            logs = train_step(model, opt, params, [next(batches) for _ in range(k)], st["step"], args, rank, world,
                               autocast)
+            for c in COUNTS:
+                st["counts"][c] += logs[f"n_{c}"]
+            if logs.pop("empty"):
+                st["empty_steps"] += 1
+                say(f"\nstep {st['step']}: no readable audio in the whole batch: no update")
             if logs.pop("skipped"):
                 st["bad_steps"] += 1
                 st["bad_in_row"] += 1
                 say(f"\nstep {st['step']}: non-finite loss {logs['loss']} / gradient norm {logs['grad_norm']}: "
                     f"skipped ({st['bad_in_row']} in a row, {st['bad_steps']} in total)")
                 if st["bad_in_row"] >= args.max_bad_steps:
-                    raise FloatingPointError(
+                    raise Diverged(
                         f"{st['bad_in_row']} non-finite steps in a row (last: step {st['step']}) reached "
-                        f"--max-bad-steps {args.max_bad_steps}; stopping without saving. The last good checkpoint: "
+                        f"--max-bad-steps {args.max_bad_steps}; stopping without saving. The last good checkpoint, "
+                        f"written before these steps: "
                         + (f"{ckpt_path} (step {saved_at})." if saved_at is not None else "none yet.")
-                        + " Try a lower --lr, --grad-clip 1.0 or --dtype float32.")
-            else:
+                        + " Resume from it with a lower --lr, --grad-clip 1.0 or --dtype float32 (--resume "
+                          "--resume-changes apply), or start again.")
+            elif "loss" in logs:
                 st["bad_in_row"] = 0
             sched.step()
             st["step"] += 1
@@ -521,14 +821,18 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
                 row = dict(mean_logs(window), step=st["step"], lr=lr, bad_steps=st["bad_steps"],
                            samples_per_s=len(window) * B / max(now - t_last, 1e-9))
                 metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+                if "loss" in row:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
                 window, t_last = [], now
             if dev_loader is not None and st["step"] % args.eval_every == 0:
                 stop = _validate_and_keep_best(model, dev_loader, world, autocast, st, args, metrics, say, rank)
                 validated_at = st["step"]
-            if st["step"] % args.save_every == 0:
-                _save(model, opt, sched, st, args, rank, world)
-                saved_at = st["step"]
+            if st["step"] % args.save_every == 0 or pending_save:
+                if st["bad_in_row"] == 0:
+                    _save(model, opt, sched, st, args, rank, world, meta)
+                    saved_at, pending_save = st["step"], False
+                else:  # the weights are those of the streak's start, but this position may never be good again
+                    pending_save = True
             if args.stop_after_steps and steps_run == args.stop_after_steps:
                 bar.close()
                 say(f"--stop-after-steps {args.stop_after_steps}: stopping at step {st['step']} without a checkpoint")
@@ -540,13 +844,28 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     if dev_loader is not None and validated_at != st["step"] and stop is None:
         _validate_and_keep_best(model, dev_loader, world, autocast, st, args, metrics, say, rank)
     if saved_at != st["step"]:
-        _save(model, opt, sched, st, args, rank, world)
-    end = dict(st, event="end", stopped=stop or "max_steps", max_param_diff_across_ranks=max_rank_divergence(params, world))
+        if st["bad_in_row"] == 0:
+            _save(model, opt, sched, st, args, rank, world, meta)
+        else:
+            say(f"not saving at the end: the last {st['bad_in_row']} steps were non-finite; the last checkpoint "
+                f"is from step {saved_at}")
+    end = dict(st, event="end", stopped=stop or "max_steps", bad_lines=bad_lines,
+               max_param_diff_across_ranks=max_rank_divergence(params, world))
     metrics.write(end)
-    say(f"done at step {st['step']} ({end['stopped']}); {st['bad_steps']} skipped steps; weights in "
-        f"{os.path.join(out_dir, LAST)}" + (f", best (acc {st['best_acc']:.4f} at step {st['best_step']}) in "
-                                            f"{os.path.join(out_dir, BEST)}" if st["best_acc"] is not None else ""))
+    if rank == 0:
+        clean_temporaries(out_dir, OWN_FILES)
+    c = st["counts"]
+    say(f"done at step {st['step']} ({end['stopped']}); {st['bad_steps']} skipped steps; data: {bad_lines} bad "
+        f"manifest line(s) skipped, {c['bad_audio']} unreadable clip read(s) skipped, {c['truncated']} clip(s) cut "
+        f"to Whisper's window" + (f", {st['empty_steps']} step(s) without any readable clip" if st["empty_steps"]
+                                   else "") + f"; weights in {os.path.join(out_dir, LAST)}"
+        + (f", best (acc {st['best_acc']:.4f} at step {st['best_step']}) in {os.path.join(out_dir, BEST)}"
+           if st["best_acc"] is not None else ""))
     return end
+
+
+class Diverged(data.UserError, FloatingPointError):
+    """--max-bad-steps non-finite steps in a row."""
 
 
 def _validate_and_keep_best(model, loader, world, autocast, st, args, metrics, say, rank):
@@ -568,34 +887,26 @@ def _validate_and_keep_best(model, loader, world, autocast, st, args, metrics, s
     return None
 
 
-def _save(model, opt, sched, st, args, rank, world):
-    """checkpoint.pt (everything --resume needs; RNG states of every rank) and last.safetensors, atomically."""
-    rng = [None] * world
-    if world > 1:
-        dist.all_gather_object(rng, rng_state())
-    else:
-        rng = [rng_state()]
+def _save(model, opt, sched, st, args, rank, world, meta):
+    """checkpoint.pt (everything --resume needs; RNG states of every rank; the training record) and
+    last.safetensors, atomically."""
+    rng = all_gather_objects(rng_state(), world)
     if rank == 0:
         state = dict(model={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=dict(st), rng=rng,
-                     world_size=world, batch_size=args.batch_size, seed=args.seed)
+                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=copy.deepcopy(st), rng=rng,
+                     world_size=world, batch_size=args.batch_size, seed=args.seed, **meta)
         save_weights(model, os.path.join(args.output_dir, LAST))
         atomic(os.path.join(args.output_dir, CHECKPOINT), lambda p: torch.save(state, p))
     if world > 1:
         dist.barrier()
 
 
-def _load_checkpoint(path, model, opt, sched, st, args, rank, world):
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    for flag, key in (("--batch-size", "batch_size"), ("--seed", "seed")):
-        if ck[key] != getattr(args, key):
-            raise ValueError(f"--resume: {path} was written with {flag} {ck[key]}, this run has "
-                             f"{getattr(args, key)}; the data position would not match")
+def _load_checkpoint(ck, path, model, opt, sched, st, rank, world):
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(own) != set(ck["model"]):
-        raise ValueError(f"--resume: {path} holds other trainable parameters than this model "
-                         f"(missing {sorted(set(own) - set(ck['model']))[:3]}, "
-                         f"unexpected {sorted(set(ck['model']) - set(own))[:3]}): were the flags changed?")
+        raise data.UserError(f"--resume: {path} holds other trainable parameters than this model "
+                             f"(missing {sorted(set(own) - set(ck['model']))[:3]}, "
+                             f"unexpected {sorted(set(ck['model']) - set(own))[:3]}): were the model flags changed?")
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(ck["model"][n])
@@ -604,6 +915,32 @@ def _load_checkpoint(path, model, opt, sched, st, args, rank, world):
     st.update(ck["state"])
     if ck["world_size"] == world:
         set_rng_state(ck["rng"][rank])
-    elif rank == 0:
-        print(f"--resume: {path} was written by {ck['world_size']} processes, this run has {world}: RNG states not "
-              f"restored (dropout is reseeded per micro-batch, so training is unaffected)")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+USER_ERRORS = (data.UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def user_message(err):
+    """The message of a user error; one raised in a DataLoader worker arrives wrapped by torch ("Caught X in
+    DataLoader worker process N. Original Traceback ...": its last line is the original message)."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = [l for l in text.splitlines() if l.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    return text
+
+
+def cli(main, script=None):
+    """Run a script's main() as a command: a user error (USER_ERRORS: a bad manifest, flag, path or checkpoint,
+    a divergence stop, a failed collective) prints `<script>: error: <message>` on stderr, alone (under torchrun
+    with the rank), and exits with status 1; any other exception is a bug and keeps its traceback."""
+    script = script or os.path.basename(sys.argv[0])
+    try:
+        main()
+    except USER_ERRORS as e:
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"{script}: error: {f'[rank {rank}] ' if rank else ''}{user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -218,12 +218,59 @@ def test_bad_audio_skipped_and_counted(bad_audio_manifest, fe, caplog):
     before = data.STATS["bad_audio"]
     with caplog.at_level(logging.WARNING, logger="data"):
         items = [ds[i] for i in range(len(ds))]
-    assert [x is None for x in items] == [False, True, True, True, False]
+    assert [isinstance(x, data.Skipped) for x in items] == [False, True, True, True, False]
+    assert [x.id for x in items[1:4]] == ["u1", "u2", "u3"] and "not found" in items[1].reason
     assert data.STATS["bad_audio"] == before + 3
     assert all(f"entry 'u{i}'" in caplog.text for i in (1, 2, 3))
     batch = data.Collator(fe)(items)
     assert batch["ids"] == ["u0", "u4"] and batch["mel"].shape == (2, 80, 3000)
-    assert data.Collator(fe)([None, None]) is None
+    assert batch["skipped"] == ["u1", "u2", "u3"] and batch["counts"] == {"bad_audio": 3, "truncated": 0}
+    empty = data.Collator(fe)(items[1:3])  # nothing readable: an empty batch that still carries its record
+    assert data.is_empty(empty) and empty["skipped"] == ["u1", "u2"] and empty["counts"]["bad_audio"] == 2
+    assert data.is_empty(None) and not data.is_empty(batch)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_bad_audio(tmp_path, fe, value):
+    """A float WAV can hold NaN / Inf; it must be refused like an undecodable file (issue 11.1): named, and skipped
+    and counted under skip_bad, never passed on (one such clip made every loss and distance NaN)."""
+    (tmp_path / "clips").mkdir()
+    write(tmp_path / "clips" / "u0.wav", seconds=1.5)
+    x = tone((440.0,), 2.0, 16000)[:, 0]
+    x[8000] = value  # at 0.5 s
+    sf.write(str(tmp_path / "clips" / "u1.wav"), x, 16000, subtype="FLOAT")
+    assert not np.isfinite(sf.read(str(tmp_path / "clips" / "u1.wav"))[0]).all()  # the file really holds it
+    with pytest.raises(data.AudioError, match=r"1 non-finite samples \(NaN or Inf; the first at 0\.500 s\): .*u1\.wav"):
+        data.load_audio(tmp_path / "clips" / "u1.wav")
+    m = data.read_manifest(write_manifest(tmp_path / "m.jsonl", [row(0), row(1)]))
+    with pytest.raises(data.AudioError, match=r"entry 'u1' \(.*m\.jsonl: line 2\): .*non-finite"):
+        data.SpeechDataset(m)[1]
+    batch = data.Collator(fe)([data.SpeechDataset(m, skip_bad=True)[i] for i in (0, 1)])
+    assert batch["ids"] == ["u0"] and batch["skipped"] == ["u1"] and torch.isfinite(batch["wav"]).all()
+
+
+def test_short_whisper_window_cuts_both_encoders_inputs_and_counts(tmp_path, caplog):
+    """Issue 11.12: with a Whisper whose input is 4 s (the demo's), a 6 s clip was cut for Whisper only while
+    BEATs saw all of it. The cut now comes from the feature extractor (n_samples) and applies to the batch's wav
+    (BEATs' input) as well; it is counted and warned about."""
+    short = WhisperFeatureExtractor(feature_size=80, chunk_length=4)
+    assert short.n_samples == 64000 and data.window_seconds(short) == 4.0
+    (tmp_path / "clips").mkdir()
+    write(tmp_path / "clips" / "u0.wav", seconds=6.0)
+    write(tmp_path / "clips" / "u1.wav", seconds=2.0)
+    m = data.read_manifest(write_manifest(tmp_path / "m.jsonl", [row(0), row(1)]))
+    with caplog.at_level(logging.WARNING, logger="data"):
+        collate = data.Collator(short)
+        assert "input window is 4.00 s" in caplog.text
+        ds = data.SpeechDataset(m)  # default max_seconds 30: the Collator alone must still cut
+        batch = collate([ds[0], ds[1]])
+    assert batch["wav"].shape == (2, 64000) and batch["wav_lens"].tolist() == [64000, 32000]
+    assert batch["mel"].shape == (2, 80, 400) and batch["counts"]["truncated"] == 1 and batch["truncated"] == ["u0"]
+    assert "truncated 'u0' from 6.00 s" in caplog.text
+    ds = data.SpeechDataset(m, max_seconds=data.window_seconds(short))  # as the scripts build it: no decoding past 4 s
+    item = ds[0]
+    assert item["truncated"] and len(item["wav"]) == 64000
+    assert collate([item])["counts"]["truncated"] == 1  # counted once
 
 # ----------------------------------------------------------------------------- instructions
 
@@ -282,7 +329,9 @@ def test_collate_batch(mixed_manifest, fe):
     ds = data.SpeechDataset(data.read_manifest(mixed_manifest))
     items = [ds[i] for i in range(3)]
     batch = data.Collator(fe)(items)
-    assert set(batch) == {"ids", "mel", "wav", "wav_lens", "instructions", "targets", "transcripts", "tasks", "tgt_langs"}
+    assert set(batch) == {"ids", "mel", "wav", "wav_lens", "instructions", "targets", "transcripts", "tasks", "tgt_langs",
+                          "skipped", "truncated", "counts"}
+    assert batch["skipped"] == [] and batch["counts"] == {"bad_audio": 0, "truncated": 0}
     assert batch["ids"] == ["a", "b", "c"]
     assert batch["mel"].shape == (3, 80, 3000) and batch["mel"].dtype == torch.float32
     assert batch["wav"].shape == (3, 32000) and batch["wav"].dtype == torch.float32
@@ -330,6 +379,26 @@ def test_dataloader_workers_and_distributed_sampler_cover_each_item_once(tmp_pat
             assert all(n == 16000 + 1600 * int(i[1:]) for i, n in lens.items())
             seen += batch["ids"]
     assert sorted(seen) == sorted(f"u{i}" for i in range(10))
+
+
+def test_counts_leave_the_dataloader_workers(tmp_path, fe):
+    """Issue 11.11: bad audio and truncations happen in DataLoader workers, whose STATS the main process never
+    sees; the counts travel in the batches instead, so summing them over the loader counts every item once."""
+    (tmp_path / "clips").mkdir()
+    for i in range(8):
+        if i not in (2, 5, 6):  # 2, 5, 6 missing
+            write(tmp_path / "clips" / f"u{i}.wav", seconds=3.0 if i in (1, 7) else 1.0)  # 1, 7 longer than 2 s
+    ds = data.SpeechDataset(data.read_manifest(write_manifest(tmp_path / "m.jsonl", [row(i) for i in range(8)])),
+                            skip_bad=True, max_seconds=2.0)
+    before = dict(data.STATS)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=data.Collator(fe))
+    total, skipped = {"bad_audio": 0, "truncated": 0}, []
+    for batch in loader:
+        for key, n in data.batch_counts(batch).items():
+            total[key] += n
+        skipped += batch["skipped"]
+    assert total == {"bad_audio": 3, "truncated": 2} and sorted(skipped) == ["u2", "u5", "u6"]
+    assert dict(data.STATS) == before  # the main process saw none of it
 
 # ----------------------------------------------------------------------------- weighted mixture
 

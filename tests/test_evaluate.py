@@ -709,3 +709,143 @@ def test_help_shows_the_defaults():
     for flag, default in [("--num-beams", "4"), ("--max-new-tokens", "200"), ("--num-pairs", "1000")]:
         i = text.index("\n  " + flag)
         assert f"(default: {default})" in " ".join(text[i:i + 400].split())
+
+# ----------------------------------------------------------------------------- robustness (issue 11.1, 11.4, 13)
+
+
+def _manifest_with_missing_clip(manifest, tmp_path, missing=2):
+    """The test manifest with entry `missing`'s audio absent (a typo or a failed download)."""
+    rows = read_jsonl(manifest)
+    folder = os.path.dirname(manifest)
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(dict(r, audio=os.path.join(folder, r["audio"]) if i != missing else "gone.wav"),
+                                       ensure_ascii=False) + "\n" for i, r in enumerate(rows)), encoding="utf-8")
+    return str(path)
+
+
+def _counting_generate(monkeypatch, fail_at=None):
+    """Patch LSM.generate to count its calls (and raise at call `fail_at`, as a kill would)."""
+    import model as M
+    calls, real = [], M.LSM.generate
+
+    def generate(self, batch, **kw):
+        calls.append(list(batch["ids"]))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(self, batch, **kw)
+    monkeypatch.setattr(M.LSM, "generate", generate)
+    return calls
+
+
+def test_killed_evaluation_resumes_where_it_stopped(trained, manifest, tmp_path, monkeypatch):
+    """Issue 11.4: hypotheses are written as they are decoded; a run killed in its 2nd batch, run again, decodes
+    only the missing batches and writes exactly the uninterrupted run's files. Other settings discard the partial
+    results instead of mixing them in."""
+    ckpt, _ = trained["qwen2"]
+    args = ["--ckpt", ckpt, "--manifest", manifest, "--num-beams", "1"] + FAST
+    E.main(args + ["--output-dir", str(tmp_path / "ref")])
+    out = tmp_path / "out"
+    calls = _counting_generate(monkeypatch, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(args + ["--output-dir", str(out)])
+    partial = read_jsonl(out / "partial" / "hyps.st.rank0.jsonl")
+    assert [r["id"] for r in partial] == ["u0", "u1"] and not (out / "metrics.json").exists()
+    with open(out / "partial" / "hyps.st.rank0.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"index": 2, "id": "u2", "hypo')  # the kill also cut a line short
+    calls = _counting_generate(monkeypatch)
+    E.main(args + ["--output-dir", str(out)])
+    assert calls == [["u2", "u3"], ["u4"]]  # only the missing batches
+    for name in ("hyps.st.jsonl",):
+        assert (out / name).read_text(encoding="utf-8") == (tmp_path / "ref" / name).read_text(encoding="utf-8")
+    assert not (out / "partial").exists()
+    # a killed run with other settings: its partial hypotheses are not reused
+    calls = _counting_generate(monkeypatch, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(args + ["--output-dir", str(out)])
+    calls = _counting_generate(monkeypatch)
+    E.main(["--ckpt", ckpt, "--manifest", manifest, "--num-beams", "2"] + FAST + ["--output-dir", str(out)])
+    assert len(calls) == 3
+
+
+def test_skip_bad_scores_the_rest_and_lists_the_skipped(trained, manifest, tmp_path, monkeypatch, capsys):
+    """Issue 11.4: a missing clip at line 3 stopped the evaluation with nothing written. Now the error names the entry
+    without losing the batches before it, and --skip-bad scores the rest, listing the skipped ids (said on stderr)."""
+    ckpt, _ = trained["qwen2"]
+    bad = _manifest_with_missing_clip(manifest, tmp_path)
+    args = ["--ckpt", ckpt, "--manifest", bad, "--num-beams", "1", "--output-dir", str(tmp_path / "out")] + FAST
+    with pytest.raises(data.AudioError, match=r"entry 'u2' \(.*m\.jsonl: line 3\): audio file not found"):
+        E.main(args)
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "partial" / "hyps.st.rank0.jsonl")] == ["u0", "u1"]
+    calls = _counting_generate(monkeypatch)
+    res = E.main(args + ["--skip-bad"])
+    assert calls == [["u3"], ["u4"]]  # u0, u1 kept from the failed run; u2 left out
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert saved["skipped"] == {"st": ["u2"]} and saved["bleu"]["st"]["zh"]["n"] == 4
+    hyps = read_jsonl(tmp_path / "out" / "hyps.st.jsonl")
+    assert [h["id"] for h in hyps] == ["u0", "u1", "u3", "u4"]
+    refs = [[TRANSLATIONS[i] for i in (0, 1, 3, 4)]]
+    bleu = sacrebleu.corpus_bleu([h["hypothesis"] for h in hyps], refs, tokenize="zh")
+    assert saved["bleu"]["st"]["zh"]["score"] == pytest.approx(bleu.score) and res["n"] == 5
+    captured = capsys.readouterr()
+    assert "--skip-bad: 1 of 5 entries have unreadable audio and are NOT in the st BLEU below: ['u2']" in captured.err
+    assert "ST zh (4 segments, 1 skipped)" in captured.out
+
+
+def test_metrics_json_is_strict_json_with_a_nan(trained, manifest, tmp_path, monkeypatch):
+    """Issue 11.1: a NaN alignment degree was written as a bare NaN, which is not JSON."""
+    monkeypatch.setattr(E, "log_wasserstein", lambda *a, **k: torch.full((a[0].shape[0],), float("nan")))
+    E.main(["--ckpt", trained["qwen2"][0], "--manifest", manifest, "--mode", "none", "--alignment", "0",
+            "--num-pairs", "2", "--output-dir", str(tmp_path)] + FAST)
+    text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert saved["alignment"]["log_w"]["0"] is None
+    assert E.finite_json({"a": [1.0, float("inf")], "b": float("nan")}) == {"a": [1.0, None], "b": None}
+
+
+def test_table_of_a_malformed_file_is_named(tmp_path):
+    bad = tmp_path / "metrics.json"
+    bad.write_text('{"bleu": {"st": ', encoding="utf-8")
+    with pytest.raises(E.EvalError, match=r"metrics\.json: not a metrics file: invalid JSON at line 1"):
+        E.main(["--table", str(bad)])
+    bad.write_text('[1, 2]', encoding="utf-8")
+    with pytest.raises(E.EvalError, match="metrics.json: not a metrics file: a JSON list, not an object"):
+        E.main(["--table", str(bad)])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--table", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"evaluate.py: error: {bad}: not a metrics file")
+    assert "Traceback" not in proc.stderr
+
+
+SLOW_RANK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import model
+real = model.LSM.generate
+def generate(self, *a, **k):
+    if os.environ.get("RANK") == "1":
+        time.sleep({seconds})
+    return real(self, *a, **k)
+model.LSM.generate = generate
+import evaluate
+evaluate.main(sys.argv[1:])
+"""
+
+
+def test_a_rank_slower_than_the_timeout_does_not_end_a_finished_evaluation(trained, manifest, tmp_path):
+    """Issue 13: rank 1 decodes ~5 s longer than rank 0 while --dist-timeout is 3 s (0.05 min). No collective waits on
+    the decoding (rank 0 merges the per-rank files), so the evaluation ends normally, with the one-process result;
+    --alignment runs after both ranks have finished decoding."""
+    ckpt, _ = trained["qwen2"]
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK.format(root=ROOT, seconds=2.5))
+    args = ["--ckpt", ckpt, "--manifest", manifest, "--num-beams", "1", "--alignment", "0", "--num-pairs", "3",
+            "--dist-timeout", "0.05"] + FAST
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), *args, "--output-dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    E.main(args[:-2] + ["--output-dir", str(tmp_path / "one")])
+    a = (tmp_path / "one" / "hyps.st.jsonl").read_text(encoding="utf-8")
+    assert a == (tmp_path / "two" / "hyps.st.jsonl").read_text(encoding="utf-8") and len(a.splitlines()) == 5
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))["world_size"] == 2

@@ -209,10 +209,10 @@ def test_model_flags_on_the_command_line_override_the_checkpoint():
 
 
 def test_torchrun_two_processes_with_accumulation_and_validation(setup, tmp_path):
-    """--align ot under DDP with gradient accumulation (no_sync on the first micro-batch) and validation split over
-    ranks: 2 processes x 1 item x 2 accumulated vs 1 process x 1 item x 4 accumulated (global batch 4, 3 steps).
+    """--align ot under torchrun with gradient accumulation (gradients all-reduced once per step) and validation split
+    over ranks: 2 processes x 1 item x 2 accumulated vs 1 process x 1 item x 4 accumulated (global batch 4, 3 steps).
     Identical weights on both ranks (exactly) and equal to the single process within 2e-5 = 2% of one Adam step at
-    lr 1e-3 (measured: 4.9e-6). Not exact: each rank sums its 2 micro-batch gradients and DDP then averages the
+    lr 1e-3 (measured: 4.9e-6). Not exact: each rank sums its 2 micro-batch gradients and the loop then sums the
     ranks, where one process adds 4 in a row -- another float summation order, which Adam's per-element
     normalisation magnifies. The dev accuracy and loss (all-reduced token sums) agree as well."""
     import subprocess

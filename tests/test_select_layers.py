@@ -1,6 +1,7 @@
 """select_layers.py (stage 2): ranks and MRR against brute force, a planted case where only some layers keep the
 speech-text pairing, and the script end to end on the tiny checkpoints."""
 import json
+import math
 import os
 import sys
 
@@ -67,7 +68,7 @@ def stage1(tiny_ckpts, tmp_path_factory):
 def test_end_to_end(stage1, tmp_path, capsys):
     res = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path),
                   "--num-pairs", "4", "--threshold", "0.3", "--dtype", "float32", "--num-workers", "0",
-                  "--batch-size", "3", "--seed", "1"])
+                  "--batch-size", "3", "--seed", "1", "--allow-chance-level"])
     out = capsys.readouterr().out
     saved = json.load(open(tmp_path / "layers.json"))
     assert saved["selected"] == res["selected"] and saved["num_pairs"] == 4 and saved["threshold"] == 0.3
@@ -78,10 +79,13 @@ def test_end_to_end(stage1, tmp_path, capsys):
     assert saved["args"]["num_pairs"] == 4
     assert os.path.getsize(tmp_path / "mrr_per_layer.png") > 1000
     assert "layer  MRR" in out and f"selected layers (MRR > 0.3): {saved['selected']}" in out
+    assert "chance level" in out and "0.5208 +- 0.1455" in out and saved["chance"]["mrr"] == pytest.approx(25 / 48)
+    assert "warning: with 4 pairs the chance-level MRR is 0.5208" in out
+    assert saved["counts"] == {"bad_audio": 0, "truncated": 0} and saved["skipped"] == []
     # same seed -> the same pairs and the same numbers; the AAC entry (no transcript) is never sampled
     again = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path / "b"),
                     "--num-pairs", "4", "--threshold", "0.3", "--dtype", "float32", "--num-workers", "0",
-                    "--seed", "1"])
+                    "--seed", "1", "--allow-chance-level"])
     assert again["mrr"] == pytest.approx(saved["mrr"], rel=1e-9)
 
 
@@ -109,7 +113,53 @@ def test_errors_and_help(stage1, tmp_path, capsys):
 def test_alignment_flags_end_to_end(stage1, tmp_path):
     res = S.main(["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path),
                   "--num-pairs", "4", "--dtype", "float32", "--num-workers", "0", "--seed", "1",
-                  "--align-positions", "all", "--ot-cost", "cosine"])
+                  "--align-positions", "all", "--ot-cost", "cosine", "--allow-chance-level"])
     saved = json.load(open(tmp_path / "layers.json"))
     assert saved["args"]["align_positions"] == "all" and saved["args"]["ot_cost"] == "cosine"
     assert all(1 / 4 <= v <= 1 for v in saved["mrr"].values()) and saved["selected"] == res["selected"]
+
+
+def test_chance_level_mrr():
+    """Issue 11.7: chance-level MRR H_N / N (1.0 for one pair, 0.75 for two) and its spread, against a simulation of
+    random distance matrices; the check refuses where chance + 3 sd reaches the threshold."""
+    assert S.chance_mrr(1) == (1.0, 0.0) and S.chance_mrr(2)[0] == 0.75
+    assert S.chance_mrr(4)[0] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    g = torch.Generator().manual_seed(0)
+    sims = torch.tensor([S.mean_reciprocal_rank(torch.rand(20, 20, generator=g)) for _ in range(2000)])
+    mean, sd = S.chance_mrr(20)
+    # iid random distances: the 20 ranks are independent and uniform, so the formulas are exact; the simulated mean
+    # of 2000 draws is within 4 standard errors, the simulated sd within 10% (its own sampling error is ~1.6%)
+    assert abs(sims.mean().item() - mean) < 4 * sd / math.sqrt(2000)
+    assert sims.std().item() == pytest.approx(sd, rel=0.1)
+    assert S.chance_within_reach(100, 0.05) and not S.chance_within_reach(1000, 0.05)  # 0.052 vs 0.0075
+    n = S.pairs_needed(0.05)
+    assert not S.chance_within_reach(n, 0.05) and S.chance_within_reach(n - 1, 0.05)
+
+
+def test_too_few_pairs_stop_before_the_model_is_loaded(stage1, tmp_path, monkeypatch, capsys):
+    """--num-pairs 1 made every MRR exactly 1.0 (all layers selected); with 4 pairs chance is 0.52. Both stop before
+    any model is built; --num-pairs 0 or 1 is a usage error."""
+    monkeypatch.setattr(M.LSM, "from_trainable", lambda *a, **k: pytest.fail("the model was loaded"))
+    base = ["--init", stage1["init"], "--manifest", stage1["manifest"], "--output-dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"with 4 pairs the chance-level MRR is 0\.5208 \+- 0\.1455 .* within reach of "
+                                         r"--threshold 0\.05.*use at least 189 pairs, or --allow-chance-level"):
+        S.main(base + ["--num-pairs", "4"])
+    for n in ("0", "1"):
+        with pytest.raises(SystemExit):
+            S.main(base + ["--num-pairs", n])
+        assert "--num-pairs must be >= 2" in capsys.readouterr().err
+
+
+def test_non_finite_distances_are_refused():
+    """Issue 11.1: one NaN state made the whole distance matrix NaN and every MRR exactly 1.0 (exit code 0)."""
+    g = torch.Generator().manual_seed(0)
+    speech = {0: [torch.randn(4, 8, generator=g) for _ in range(5)]}
+    text = {0: [torch.randn(3, 8, generator=g) for _ in range(5)]}
+    speech[0][2][1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 0: the speech states of 1 pair\(s\) are not finite \(NaN/Inf\), "
+                                         r"pairs \['c'\]: refusing to rank"):
+        S.layer_mrrs(speech, text, ids=list("abcde"))
+    speech[0][2][1, 3] = 0.0
+    text[0][4][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the transcript states of 1 pair\(s\) .* pairs \[4\]"):
+        S.layer_mrrs(speech, text)
