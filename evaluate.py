@@ -290,11 +290,13 @@ def read_baselines(args, entries):
     return out
 
 
-def score_report(label, s):
-    """The printed lines of one score_records entry (BLEU, chrF, signatures, paired bootstrap if any)."""
-    lines = [f"{label} ({s['n']} segments): {s['line']}", f"    signature: {s['signature']}"]
+def score_report(label, s, skipped=0):
+    """The printed lines of one score_records entry (BLEU, chrF, signatures, paired bootstrap if any); `skipped`:
+    entries left out (--skip-bad), said beside the segment count."""
+    count = f"{s['n']} segments" + (f", {skipped} skipped" if skipped else "")
+    lines = [f"{label} ({count}): {s['line']}", f"    signature: {s['signature']}"]
     if "chrf" in s:
-        lines += [f"{label} ({s['n']} segments): {s['chrf_line']}", f"    signature: {s['chrf_signature']}"]
+        lines += [f"{label} ({count}): {s['chrf_line']}", f"    signature: {s['chrf_signature']}"]
     if "paired_bs" in s:
         bs = s["paired_bs"]
         for key, name in (("bleu", "BLEU"), ("chrf", "chrF2")):
@@ -1148,7 +1150,7 @@ def run(args):
             add_paired(metrics["bleu"][mode], *common_segments(records, base, f"the {mode} hypotheses", path),
                        args.tokenize, source=path, whole_baseline=base)
         for lang, s in metrics["bleu"][mode].items():
-            print(score_report(f"{mode.upper()} {lang}" + (f" [{len(skipped)} skipped]" if skipped else ""), s))
+            print(score_report(f"{mode.upper()} {lang}", s, len(skipped)))
     if args.alignment:
         metrics["alignment"] = summarize_alignment(reps, args.alignment)
         a = metrics["alignment"]

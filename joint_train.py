@@ -104,6 +104,13 @@ class Joint(train.Objective):
         logs.update({f"w_{l}": w[i].detach() for i, l in enumerate(self.layers)})
         return dict(loss=loss, **logs)
 
+    def join(self):
+        """A micro-batch with no readable item on this rank (train.train_step runs no forward for it): the contrastive
+        loss of the other ranks gathers the texts of every rank, so send zero rows (ot, ctc, none: nothing to do)."""
+        if self.align == "cl":
+            dtype = torch.promote_types(self.lsm.proj.weight.dtype, torch.float32)  # as n_pair_loss gathers
+            gather_rows(torch.zeros(0, self.lsm.proj.out_features, dtype=dtype, device=self.lsm.device))
+
     def ctc_loss(self, speech0, speech_mask, transcripts):
         """CTC between the head's log-probabilities over the real windows and the transcript token ids."""
         ids = [self.lsm.tokenizer(t, add_special_tokens=False).input_ids for t in transcripts]
@@ -126,8 +133,9 @@ def n_pair_loss(s, t, tau):
 
         L = 1/B sum_i -log softmax_j( cos(s_i, T_j) / tau )[o + i]
 
-    The gradient reaches this rank's speech vectors only; DDP's average of the ranks' gradients is then the gradient
-    of the mean over the global batch (for equal per-rank batches). One process: N = B, in-batch negatives.
+    The gradient reaches this rank's speech vectors only; the training loop's average of the ranks' gradients is then
+    the gradient of the mean over the global batch (for equal per-rank batches). A rank with no readable item in its
+    micro-batch takes part through Joint.join (zero rows). One process: N = B, in-batch negatives.
     The temperature tau sets the logit range 1/tau (cosines lie in [-1, 1]): a small tau sharpens the softmax, so
     the gradient concentrates on the negatives most similar to the speech (the hard ones) and the loss nears 0 once
     the true text's cosine leads every negative's by several tau; a large tau spreads the gradient over all

@@ -247,6 +247,7 @@ def test_unreadable_items_cost_only_their_absence(tmp_path):
     toy, after_two = Recorder(), Toy()
     train.train(args, toy, items, skip_bad)
     assert len(toy.log) == 3 + 3  # step 0: 3 readable micro-batches, step 1: 3, step 2: none
+    assert toy.joins == 1 + 1 + 4  # each skipped micro-batch joins the collectives its forward would have run
     rows = [r for r in metrics(tmp_path) if "lr" in r]
     for step, first in ((0, 0), (1, 3)):  # the logged loss: the mean of this step's readable micro-batch losses
         ref = Toy()
