@@ -339,3 +339,126 @@ def test_generation_feeds_the_lm_head_a_packed_tensor(tiny_models):
     assert ids.shape[0] == 2 and len(strides) == ids.shape[1]
     assert all(got == packed for got, packed in strides)
     assert not lsm.causal_lm.get_output_embeddings()._forward_pre_hooks  # removed after generation
+
+# ----------------------------------------------------------------------------- real widths (pytest -k real_width)
+
+# Whisper-large-v2, BEATs cpt2 and Qwen2-7B at their real widths (tiny.REAL_CONFIGS), 1 layer each for the encoders
+# and 2 for the LLM (so that layer 1 is a raw decoder output, not the final norm's): 3.4 GB on disk, written once.
+REAL_LAYERS = {"whisper": 1, "beats": 1, "llm": 2}
+QWEN2_7B = dict(d=3584, heads=28, kv_heads=4, head_dim=128, vocab=152064, layers=28)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The LSM at the real widths with the paper's connector (Q-Former 768, 2 layers) and a bf16 LLM."""
+    paths = tiny.write_real_checkpoints(tmp_path_factory.mktemp("real_width"), "qwen2-7b", layers=REAL_LAYERS)
+    torch.manual_seed(0)
+    lsm = M.LSM(paths["whisper"], paths["llm"], paths["beats"], llm_dtype="bfloat16", verbose=False)
+    perturb(lsm, scale=0.02)
+    return dict(paths=paths, lsm=lsm, batch=make_batch(paths["whisper"], [2.0, 1.0]))
+
+
+def record_shapes(lsm):
+    """Forward hooks recording the output shape (and dtype) at every boundary of the LSM -> (dict, remove())."""
+    seen, hooks = {}, []
+    attn = lsm.decoder.layers[0].self_attn
+
+    def keep(name, first_input=False):
+        def hook(mod, args, out):
+            t = args[0] if first_input else (out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state",
+                                                                                          out))
+            seen.setdefault(name, []).append((tuple(t.shape), t.dtype))
+        return hook
+    for name, mod, first in [("whisper", lsm.whisper, False), ("beats", lsm.beats, False),
+                             ("fusion", lsm.qformer, True), ("qformer", lsm.qformer, False), ("proj", lsm.proj, False),
+                             ("q_proj", attn.q_proj, False), ("k_proj", attn.k_proj, False),
+                             ("v_proj", attn.v_proj, False), ("lm_head", lsm.causal_lm.get_output_embeddings(), False)]:
+        hooks.append(mod.register_forward_hook(keep(name, first)))
+    return seen, lambda: [h.remove() for h in hooks]
+
+
+def test_real_width_stage3_ot_step_and_greedy_decode(real):
+    """The run users launch, at the real widths: one stage-3 step with OT on layers 0 and 1 under bf16 autocast with
+    the bf16 Qwen2-7B, then a greedy decode; shapes checked at every boundary against the published sizes."""
+    lsm, batch = real["lsm"], real["batch"]
+    cfg, q = lsm.causal_lm.config, QWEN2_7B
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (
+        q["d"], q["heads"], q["kv_heads"], q["vocab"])
+    assert lsm.whisper.config.d_model == 1280 and lsm.beats.cfg.encoder_embed_dim == 768
+    # trainable parameters: the connector plus LoRA r=8 on q_proj (3584 -> 3584) and v_proj (3584 -> 4 x 128) of
+    # each layer; at Qwen2-7B's 28 layers the count is the published 28.1M
+    per_layer = 8 * (q["d"] + q["heads"] * q["head_dim"]) + 8 * (q["d"] + q["kv_heads"] * q["head_dim"])
+    n = sum(p.numel() for p in lsm.trainable_state().values())
+    assert round((n + (q["layers"] - REAL_LAYERS["llm"]) * per_layer) / 1e5) / 10 == 28.1
+
+    seen, remove = record_shapes(lsm)
+    params = [p for p in lsm.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    try:
+        obj, logs = stage3_step(lsm, "ot", "bfloat16", batch)
+        opt.step()
+        with autocast("bfloat16"):
+            ids = lsm.generate_ids(batch, mode="st", num_beams=1, max_new_tokens=2)
+    finally:
+        remove()
+    # 2.0 s and 1.0 s: BEATs 1 + (32000 - 400) // 160 = 198 fbank frames -> 12 time patches x 8 = 96 tokens; the
+    # speech tokens overlapping real audio: ceil(32000 / 5440) = 6 and ceil(16000 / 5440) = 3 of 88
+    B = 2
+    assert seen["whisper"][0][0] == (B, 1500, 1280)  # float32: its final LayerNorm is on autocast's float32 list
+    assert seen["beats"][0][0] == (B, 96, 768)
+    assert seen["fusion"][0][0] == (B, 1500, 1280 + 768)  # fusion width 2048
+    assert seen["qformer"][0][0] == (B, 88, 768) and seen["proj"][0] == ((B, 88, q["d"]), torch.bfloat16)  # 88 windows
+    for shape, _ in seen["q_proj"] + seen["k_proj"] + seen["v_proj"]:
+        assert shape[0] == B  # grouped-query attention: 28 query heads, 4 key-value heads of 128
+    S = seen["q_proj"][0][0][1]
+    assert seen["q_proj"][0][0] == (B, S, q["heads"] * q["head_dim"])
+    assert seen["k_proj"][0][0] == seen["v_proj"][0][0] == (B, S, q["kv_heads"] * q["head_dim"])
+    n_target = sum(len(lsm._ids(t)) + 1 for t in batch["targets"])
+    assert seen["lm_head"][0][0] == (n_target, q["vocab"])  # the training forward: target positions only
+    assert S == len(lsm.prefix_ids) + 88 + max(len(lsm._ids(lsm.after.replace("{instruction}", i))) + len(lsm._ids(t))
+                                               + 1 for i, t in zip(batch["instructions"], batch["targets"]))
+    # the step: finite terms, gradients on trainable parameters only, every trainable parameter moved, finite
+    assert all(np.isfinite(v) for v in logs.values()) and logs["n_tokens"] == n_target
+    check_gradients(obj)
+    assert all(torch.isfinite(p).all() and not torch.equal(a, p.detach()) for a, p in zip(before, params))
+    # the greedy decode: the prompt's LM head row per sample over the real vocabulary, then one per new token
+    decode_heads = seen["lm_head"][1:]
+    assert decode_heads[0][0] == (B, 1, q["vocab"]) and len(decode_heads) == ids.shape[1]
+    assert ids.shape[0] == B and 1 <= ids.shape[1] <= 2 and int(ids.max()) < q["vocab"]
+
+
+# --align ctc at the real widths trains a Linear(3584, 152065) head: 545M float32 parameters, their gradient and
+# autocast's bf16 copies take the process to 11 GB and each step ~1 min on one core. Its dtype path is the same at
+# every width (tested above at the tiny one), so CI leaves it out; AISTA_TEST_CTC_REAL_WIDTH=1 runs it.
+CTC_REAL = pytest.mark.skipif(os.environ.get("AISTA_TEST_CTC_REAL_WIDTH") != "1",
+                              reason="11 GB and ~2 min: set AISTA_TEST_CTC_REAL_WIDTH=1")
+
+
+@pytest.mark.parametrize("align, dtype", [pytest.param(a, d, marks=[CTC_REAL] if a == "ctc" else [])
+                                          for a in ALIGNS for d in ("bfloat16", "float32")
+                                          if (a, d) != ("ot", "bfloat16")])
+def test_real_width_stage3_step_every_mode(real, align, dtype):
+    """The other --align modes, and --dtype float32, with the bf16 Qwen2-7B at the real widths: finite terms,
+    gradients on the trainable parameters only."""
+    obj, logs = stage3_step(real["lsm"], align, dtype, real["batch"])
+    assert all(np.isfinite(v) for v in logs.values()), logs
+    check_gradients(obj)
+    obj.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_real_width_evaluation(real, tmp_path, dtype):
+    """evaluate.py at the real widths with the bf16 LLM, under bf16 autocast (the default for a bf16 LLM) and
+    --dtype float32: ST and MT greedy decoding and the alignment degree at layers 0 and 1, all finite."""
+    ckpt = str(tmp_path / "best.safetensors")
+    real["lsm"].save_trainable(ckpt)
+    manifest = write_manifest(tmp_path, "test", ZH_ROWS[:2], seconds=[2.0, 1.0])
+    got = E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "st", "mt", "--alignment", "0", "1",
+                  "--num-pairs", "2", "--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "2",
+                  "--num-workers", "0", "--dtype", dtype, "--output-dir", str(tmp_path / "eval")])
+    for mode in ("st", "mt"):
+        assert [r["id"] for r in got["records"][mode]] == ["z0", "z1"]
+        assert np.isfinite(got["bleu"][mode]["zh"]["score"])
+    a = got["alignment"]
+    assert a["num_pairs"] == 2 and all(np.isfinite(a[k][l]) for k in ("log_w", "mismatched") for l in ("0", "1"))
