@@ -449,8 +449,8 @@ class LSM(nn.Module):
         or overflow to inf (float16's range ends at 65504). evaluate.py and select_layers.py accept float16."""
         if self.build_args["llm_dtype"] == "float16":
             raise ValueError("--llm-dtype float16: training with a float16 LLM is not supported (no gradient scaler); "
-                             "train with --llm-dtype bfloat16 (the paper's) or float32 -- a float16 checkpoint's "
-                             "--init .json is overridden by the flag. evaluate.py can still decode in float16")
+                             "train with --llm-dtype bfloat16 (the paper's) or float32 (with --init, the flag "
+                             "overrides the checkpoint's .json); evaluate.py decodes in float16 too")
 
     def trainable_state(self):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
