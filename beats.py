@@ -159,8 +159,13 @@ class WeightNormConv1d(nn.Module):
     def forward(self, x):
         w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
         b, dtype = self.bias, x.dtype
-        if x.device.type == "cpu" and dtype == torch.bfloat16:  # torch 2.13's CPU bf16 grouped conv1d is wrong for
-            x, w, b = x.float(), w.float(), b.float()  # some shapes (8 channels per group, kernel 16): use float32
+        # torch 2.13's CPU bf16 grouped conv1d is wrong for some shapes on some CPUs (8 channels per group, kernel
+        # 16; pytorch#163347 is of the same kind): on the CPU it runs in float32, also when the input is float32
+        # but CPU autocast would cast it to half precision (the default --dtype bfloat16 of the training scripts)
+        if x.device.type == "cpu" and (dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+            with torch.autocast("cpu", enabled=False):
+                return F.conv1d(x.float(), w.float(), b.float(), padding=w.shape[-1] // 2,
+                                groups=self.groups).to(dtype)
         return F.conv1d(x, w, b, padding=w.shape[-1] // 2, groups=self.groups).to(dtype)
 
 
@@ -228,8 +233,11 @@ class BEATs(nn.Module):
         self.label_dict = {}
 
     def preprocess(self, wav):
-        """wav (B,T) in [-1, 1] -> normalised fbank (B,F,128), float32 whatever the model dtype (as SALMONN)."""
-        return (kaldi_fbank(wav * 2 ** 15, SAMPLE_RATE, 128) - FBANK_MEAN) / (2 * FBANK_STD)
+        """wav (B,T) in [-1, 1] -> normalised fbank (B,F,128), float32 whatever the model dtype and any active
+        autocast: the power spectra of int16-scaled audio reach 1e8-1e12, past float16's 65504 (the mel product
+        `power @ banks.T` is on autocast's half-precision list, and would give inf, then NaN features)."""
+        with torch.autocast(wav.device.type, enabled=False):
+            return (kaldi_fbank(wav * 2 ** 15, SAMPLE_RATE, 128) - FBANK_MEAN) / (2 * FBANK_STD)
 
     def token_padding_mask(self, padding_mask, n_frames, n_tokens, mode="exact"):
         """Sample mask (B,T) True = pad -> token mask (B,N) True = pad.

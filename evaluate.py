@@ -424,12 +424,16 @@ def check_ckpt(args):
                         f"{args.ckpt}.json (both written by LSM.save_trainable)")
 
 
-def autocast(lsm):
-    """On CUDA with a half-precision LLM the encoders and connector run under autocast in that dtype (as in
-    training); on CPU everything stays as loaded."""
-    dtype = lsm.llm.get_input_embeddings().weight.dtype
-    if lsm.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def autocast(lsm, dtype=None):
+    """The precision of the forwards, as training's --dtype: autocast in `dtype` (--dtype; None: the LLM's dtype, so
+    a bf16 LLM is evaluated as the default --dtype bfloat16 trained it) on any device; float32: no autocast.
+    BEATs' fbank stays in float32 under any autocast (beats.BEATs.preprocess): float16 would overflow there."""
+    dtype = AUTOCAST_DTYPES[dtype] if dtype else lsm.llm.get_input_embeddings().weight.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(lsm.device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -523,7 +527,8 @@ def decoding_config(args, entries):
         return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
     return dict(ckpt=stamp(args.ckpt), manifest=stamp(args.manifest), n=len(entries), num_beams=args.num_beams,
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, instructions=args.instructions,
-                limit=args.limit, backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
+                limit=args.limit, dtype=args.dtype,
+                backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
 
 
 def prepare_partial(out_dir, config, rank, world):
@@ -589,7 +594,7 @@ def decode(lsm, entries, mode, args, rank, world, out_dir=None):
     for batch_indices, batch in bar:
         hyps = []
         if not data.is_empty(batch):
-            with autocast(lsm):
+            with autocast(lsm, args.dtype):
                 hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         kept, out = iter(zip(batch["ids"], hyps)), []
         skipped, cut = set(batch.get("skipped", [])), set(batch.get("truncated", []))
@@ -694,7 +699,7 @@ def representations(lsm, entries, pairs, layers, args, rank, world, pooled):
     loader = speech_batches(lsm, entries, mine, args.batch_size, instructions, args.num_workers)
     records, k = [], 0
     for batch in tqdm(loader, desc="speech/text states", unit="batch", disable=rank != 0, file=sys.stderr):
-        with autocast(lsm):
+        with autocast(lsm, args.dtype):
             out = lsm.speech_forward(batch, layers)
             text, text_mask = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
         hs, sm = out["hidden"], alignment_mask(out, args.align_positions).to(lsm.device)
@@ -1226,6 +1231,9 @@ def build_parser():
     g.add_argument("--beats", help="BEATs checkpoint file")
     g.add_argument("--llm", help="LLM dir or hub id")
     g.add_argument("--llm-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of the frozen LLM")
+    g.add_argument("--dtype", choices=list(AUTOCAST_DTYPES),
+                   help="autocast dtype of the forwards, as training's --dtype (default: the LLM's dtype; float32 = "
+                        "no autocast)")
     g = p.add_argument_group("decoding")
     g.add_argument("--mode", nargs="+", choices=["st", "mt", "none"], default=["st"],
                    help="st: speech in; mt: the transcript in place of the speech, same prompt (Table 5); "

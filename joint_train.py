@@ -114,7 +114,10 @@ class Joint(train.Objective):
     def ctc_loss(self, speech0, speech_mask, transcripts):
         """CTC between the head's log-probabilities over the real windows and the transcript token ids."""
         ids = [self.lsm.tokenizer(t, add_special_tokens=False).input_ids for t in transcripts]
-        log_probs = self.ctc_head(speech0).float().log_softmax(-1).transpose(0, 1)  # (W, B, V + 1)
+        # layer 0 is in the LLM's dtype (bf16 by default), the head is a float32 Linear: without autocast
+        # (--dtype float32) the states take the head's dtype; under autocast the product runs in bf16 either way
+        logits = self.ctc_head(speech0.to(self.ctc_head.weight.dtype))
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (W, B, V + 1)
         targets = torch.tensor([i for x in ids for i in x], dtype=torch.long, device=log_probs.device)
         return F.ctc_loss(log_probs, targets, speech_mask.sum(1), torch.tensor([len(x) for x in ids]),
                           blank=self.vocab, zero_infinity=True)

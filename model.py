@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel, WhisperModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 import beats as beats_lib
 from data import UserError
@@ -51,6 +52,36 @@ def real_windows(wav_lens, n_windows, window):
     """(B,) samples -> (B, n_windows) bool: window k overlaps real audio iff k * window * 320 < wav_len."""
     start = torch.arange(n_windows, device=wav_lens.device) * window * SAMPLES_PER_FRAME
     return start[None, :] < wav_lens[:, None]
+
+
+def rank_device():
+    """This process's device, known before any process group exists: cuda:LOCAL_RANK when CUDA is available (torchrun
+    sets LOCAL_RANK; 0 without it), else the CPU -- the device train.py and evaluate.py put the model on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class _WhisperEncoderOnly(WhisperEncoder):
+    """Whisper's encoder loaded alone from a WhisperModel ("encoder.*") or WhisperForConditionalGeneration
+    ("model.encoder.*", openai/whisper-large-v2) checkpoint: the decoder's tensors are never read (large-v2: 2.5 GB
+    of encoder instead of 6.2 GB for the whole model in float32, per rank)."""
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)decoder\.", r"^proj_out\."]
+    KEY_MAPPING = {r"^model\.encoder\.": "", r"^encoder\.": ""}
+
+    @classmethod
+    def load(cls, path, device):
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != "whisper":
+            raise ValueError(f"--whisper {path}: not a Whisper checkpoint (its config is a {config.model_type!r} one)")
+        enc, info = cls.from_pretrained(path, config=config, key_mapping=cls.KEY_MAPPING, output_loading_info=True,
+                                        device_map={"": device}, **_dtype_kwarg(torch.float32))
+        missing = sorted(info["missing_keys"])
+        if missing:  # from_pretrained leaves them randomly initialised (shape mismatches raise in it)
+            raise ValueError(f"--whisper {path}: not a Whisper checkpoint with an encoder: {len(missing)} encoder "
+                             f"weights missing ({', '.join(missing[:3])}, ...)")
+        return enc
 
 
 def _dtype_kwarg(dtype):
@@ -114,7 +145,9 @@ class LSM(nn.Module):
     def __init__(self, whisper, llm, beats=None, *, lora_r=8, lora_alpha=32, lora_dropout=0.1,
                  lora_targets=("q_proj", "v_proj"), template="auto", speech_tokens="all", llm_dtype="bfloat16",
                  second_per_window=0.333333, qformer_layers=2, qformer_hidden=768, qformer_heads=12,
-                 qformer_ffn=3072, beats_unsafe_load=False, verbose=True):
+                 qformer_ffn=3072, beats_unsafe_load=False, verbose=True, device=None):
+        """device: where the frozen Whisper encoder and LLM are loaded, tensor by tensor from the checkpoint files
+        (default: rank_device()), so a GPU rank never holds them in host memory; not a build argument."""
         super().__init__()
         if speech_tokens not in ("all", "real"):
             raise ValueError(f"--speech-tokens must be 'all' or 'real', got {speech_tokens!r}")
@@ -128,10 +161,11 @@ class LSM(nn.Module):
             qformer_heads=qformer_heads, qformer_ffn=qformer_ffn, beats_unsafe_load=beats_unsafe_load)
         self.speech_tokens = speech_tokens
 
-        # frozen encoders (float32; under autocast they compute in half precision)
-        self.whisper = WhisperModel.from_pretrained(whisper, **_dtype_kwarg(torch.float32)).encoder
-        self.whisper.requires_grad_(False).eval()
-        self.beats = beats_lib.load_beats(beats, unsafe_load=beats_unsafe_load) if beats else None  # frozen, eval
+        # frozen encoders (float32; under autocast they compute in half precision, except BEATs' fbank)
+        device = torch.device(device) if device is not None else rank_device()
+        self.whisper = _WhisperEncoderOnly.load(whisper, device).requires_grad_(False).eval()
+        self.beats = (beats_lib.load_beats(beats, unsafe_load=beats_unsafe_load).to(device)
+                      if beats else None)  # frozen, eval
         d_whisper = self.whisper.config.d_model
         d_beats = self.beats.cfg.encoder_embed_dim if self.beats is not None else 0
 
@@ -144,7 +178,7 @@ class LSM(nn.Module):
 
         # frozen LLM + LoRA
         self.tokenizer = AutoTokenizer.from_pretrained(llm)
-        base = AutoModelForCausalLM.from_pretrained(llm, **_dtype_kwarg(DTYPES[llm_dtype]))
+        base = AutoModelForCausalLM.from_pretrained(llm, device_map={"": device}, **_dtype_kwarg(DTYPES[llm_dtype]))
         base.requires_grad_(False)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")
@@ -152,6 +186,7 @@ class LSM(nn.Module):
         self.proj = nn.Linear(qformer_hidden, base.config.hidden_size)
         self.n_layers = base.config.num_hidden_layers
         self._set_template(template, base.config.model_type)
+        self.to(device)  # the new modules (connector); the loaded ones are there already
 
         if verbose:
             counts = {}
@@ -407,11 +442,19 @@ class LSM(nn.Module):
             else:
                 raise ValueError(f"generate: mode must be 'st' or 'mt', got {mode!r}")
             inp = self.splice(middles, batch["instructions"], left_pad=True)
-            # every decoding option explicit, so none comes from the checkpoint's generation_config (e.g. sampling)
-            return self.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
-                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                     repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
-                                     eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
+            # HF's prefill feeds the LM head the slice hidden[:, -1:]; on that stride torch 2.13's CPU bf16 linear
+            # takes a slow path (Qwen2's 152064 x 3584 head: 18 s and a 2 GB transient, 0.15 s on a packed copy)
+            head = self.causal_lm.get_output_embeddings()
+            hook = head.register_forward_pre_hook(
+                lambda mod, args: (args[0].clone(memory_format=torch.contiguous_format), *args[1:]))
+            try:
+                # every decoding option explicit, so none comes from the checkpoint's generation_config (e.g. sampling)
+                return self.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
+                                         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                         repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
+                                         eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
+            finally:
+                hook.remove()
 
     def generate(self, batch, mode="st", num_beams=4, max_new_tokens=200):
         """-> list of B decoded strings (special tokens skipped, stripped). See generate_ids."""
@@ -419,6 +462,15 @@ class LSM(nn.Module):
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------ trainable state
+
+    def check_training_precision(self):
+        """Training supports a bfloat16 LLM (the paper's; any --dtype) and a float32 one. A float16 LLM is refused:
+        there is no loss scaling, so gradients flowing back through it to LoRA and the connector underflow to zero
+        or overflow to inf (float16's range ends at 65504). evaluate.py and select_layers.py accept float16."""
+        if self.build_args["llm_dtype"] == "float16":
+            raise ValueError("--llm-dtype float16: training with a float16 LLM is not supported (no gradient scaler); "
+                             "train with --llm-dtype bfloat16 (the paper's) or float32 (with --init, the flag "
+                             "overrides the checkpoint's .json); evaluate.py decodes in float16 too")
 
     def trainable_state(self):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

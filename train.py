@@ -209,6 +209,7 @@ class Objective(nn.Module):
 
     def __init__(self, lsm):
         super().__init__()
+        lsm.check_training_precision()  # no float16 training (model.py says why)
         self.lsm = lsm
 
     def forward(self, batch):
