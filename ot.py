@@ -243,6 +243,7 @@ def _solve(cost, x_mask, y_mask, eps, n_iters, anneal=ANNEAL, omega=OMEGA, tol=N
     B, n, m = cost.shape
     dt = cost.dtype
     floor = -700.0 if dt == torch.float64 else -80.0
+    lo, hi = math.exp(floor + 10), math.exp(-floor - 10)
     xm, ym = x_mask.to(dt), y_mask.to(dt)
     a = xm / xm.sum(1, keepdim=True)
     b = ym / ym.sum(1, keepdim=True)
@@ -267,8 +268,8 @@ def _solve(cost, x_mask, y_mask, eps, n_iters, anneal=ANNEAL, omega=OMEGA, tol=N
                 F = f + e * torch.where(x_mask, u.log(), 0.0)
                 G = G + e * torch.where(y_mask, v.log(), 0.0)
             first = e is None
-            if annealing:
-                e = eps_start * (log_ratio * min(1.0, k / max(1, n_anneal - 1))).exp()
+            t = (min(1.0, k / (n_anneal - 1)) if n_anneal > 1 else 0.0) if annealing else 1.0
+            e = eps_start * (log_ratio * t).exp()       # t = 1: eps_abs (the last annealing step when > 1)
             K, f, g = _kernel(G, cost, e, valid, x_mask, y_mask, floor)
             if first:
                 u, v = torch.ones_like(F), torch.ones_like(G)
@@ -284,10 +285,12 @@ def _solve(cost, x_mask, y_mask, eps, n_iters, anneal=ANNEAL, omega=OMEGA, tol=N
             err = (u * kv - a).abs().sum(1) + (v * ktu - b).abs().sum(1)
             if not bool((err > tol).any()):      # NaN (a poisoned problem) counts as done
                 break
-        u = u_new if w == 1.0 else u_new * (u_new / u).pow_(w - 1.0)   # u^(1-w) u_new^w without overflow
+        # u^(1-w) u_new^w without overflow; clamped to [e^-70, e^70] (fp64: +-690): far from convergence (a
+        # short schedule) the scalings can run away before the next absorption, which then undoes the clamp
+        u = (u_new if w == 1.0 else u_new * (u_new / u).pow_(w - 1.0)).clamp_(min=lo, max=hi)
         ktu = torch.bmm(u[:, None, :], K)[:, 0]
         v_new = b_safe / (ktu + pad_y)
-        v = v_new if w == 1.0 else v_new * (v_new / v).pow_(w - 1.0)
+        v = (v_new if w == 1.0 else v_new * (v_new / v).pow_(w - 1.0)).clamp_(min=lo, max=hi)
     u = a_safe / (torch.bmm(v[:, None, :], K.transpose(1, 2))[:, 0] + pad_x)   # plain: rows exact
     plan = K * u[:, :, None]
     plan.mul_(v[:, None, :])

@@ -368,3 +368,18 @@ def test_padded_batch_gives_each_problem_its_value_alone_in_float32():
     batch = ot.wasserstein(x, y, xm, ym)
     alone = torch.stack([ot.wasserstein(x[i:i + 1, :nl[i]], y[i:i + 1, :ml[i]])[0] for i in range(6)])
     assert ((batch - alone).abs() / alone).max() <= 1e-5
+
+
+def test_short_schedules_stay_finite():
+    """A few iterations anneal eps in big steps: the scalings must not overflow in fp32 (20 iterations gave a
+    NaN on one of these 32 problems before they were clamped)."""
+    g = torch.Generator().manual_seed(0)
+    offset = torch.randn(1, 1, 896, generator=g) * 2.0
+    x = offset + torch.randn(32, 88, 896, generator=g)
+    idx = torch.sort(torch.randint(0, 88, (32, 40), generator=g), dim=1).values
+    y = torch.gather(x, 1, idx[..., None].expand(32, 40, 896)) + 0.5 * torch.randn(32, 40, 896, generator=g)
+    for n_iters in (1, 2, 5, 20, 30):
+        xg = x.clone().requires_grad_(True)
+        w = ot.wasserstein(xg, y, n_iters=n_iters)
+        w.sum().backward()
+        assert torch.isfinite(w).all() and torch.isfinite(xg.grad).all(), n_iters
