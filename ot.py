@@ -1,4 +1,4 @@
-"""Batched, masked, log-domain Sinkhorn for the Wasserstein loss of AI-STA (paper eq. 1, 3 and 6).
+"""Batched, masked, stabilised Sinkhorn for the Wasserstein loss of AI-STA (paper eq. 1, 3 and 6).
 
 Copy this file into other work: it imports nothing but torch.
 
@@ -8,17 +8,31 @@ b_j = 1/m over the *valid* positions (padding carries no mass),
     W(x, y) = min_{P >= 0, P 1 = a, P^T 1 = b}  <P, C>,      C_ij = |x_i - y_j|^2.
 
 Entropic OT replaces the linear program by  OT_eps = min_P <P, C> + eps KL(P | a b^T),  whose solution is
-P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps) for the dual potentials (f, g) of the Sinkhorn fixed point,
-computed in the log domain so that nothing under- or overflows:
+P_ij = exp((F_i + G_j - C_ij) / eps) for potentials (F, G) (the log-masses folded in) of the Sinkhorn
+fixed point: F makes the rows of P sum to a, G the columns to b.
 
-    f_i <- -eps * logsumexp_j( log b_j + (g_j - C_ij) / eps )        (rows of P sum to a)
-    g_j <- -eps * logsumexp_i( log a_i + (f_i - C_ij) / eps )        (columns of P sum to b)
+Iterations: stabilised scaling domain (Schmitzer 2019). The potentials are absorbed into a kernel
+K_ij = exp((F_i + G_j - C_ij) / eps), built with one exp pass, and the iterations only rescale it,
 
-Value. `wasserstein` returns <P, C>, the transport cost of the entropic plan: the estimate of W in eq. 1
-(within a few percent of the exact linear program at the defaults; the tests check against POT's
-`ot.emd2`). It is averaged over the two half-step plans (P_row after an f-update has exact row sums,
-P_col after a g-update exact column sums), which cancels most of the error of a not fully converged plan.
-With debias=True it returns the Sinkhorn divergence S = OT_eps(x,y) - OT_eps(x,x)/2 - OT_eps(y,y)/2.
+    u <- a / (K v),      v <- b / (K^T u),        P = diag(u) K diag(v),
+
+two batched matrix-vector products per iteration and no exp: one pass over (B, n, m) per half-iteration
+(the log-domain form needs about seven). Every `ABSORB` iterations, and whenever eps changes, eps log u
+and eps log v are moved into (F, G) and K is rebuilt, so u and v stay near 1 and nothing over- or
+underflows; exponents are floored at -80 (fp64: -700), which adds less than e^-80 relative mass and keeps
+exp() off the CPU's slow denormal path. eps-scaling: eps starts at max(C) (the plan is then nearly a b^T)
+and decays geometrically to eps_abs over the first `anneal` fraction of the iterations (one iteration per
+eps, as GeomLoss and Schmitzer do); the rest run at eps_abs with over-relaxation on the scalings,
+u <- u^(1-w) (a / K v)^w with w = OMEGA (Thibault et al. 2017; the log-domain f <- (1-w) f + w T(g)), the
+last one plain so that the rows of P are exact. The count is a Python int and the loop has no
+data-dependent branch: no host-device synchronisation (`tol` adds an optional early stop, one sync every
+10 iterations: on a GPU each costs a pipeline drain, ~10-50 us).
+
+Value. `wasserstein` returns the transport cost of the entropic plan, the estimate of W in eq. 1 (the
+tests check it against POT's exact `ot.emd2`): the mean of <P_row, C> (P after the last u-update, exact
+row sums) and <P_col, C> with P_col = P diag(b / P^T 1) (exact column sums), which cancels most of the
+error of a not fully converged plan. With debias=True it returns the Sinkhorn divergence
+S = OT_eps(x,y) - OT_eps(x,x)/2 - OT_eps(y,y)/2 from the dual values <a, f> + <b, g>.
 
 Gradient (envelope theorem / Danskin): at the fixed point dOT_eps/dC = P, which is also the gradient of
 the linear program at its optimal plan. With the plan held fixed,
@@ -27,6 +41,8 @@ the linear program at its optimal plan. With the plan held fixed,
 
 each side taking the plan whose marginal on that side is exact. Nothing is back-propagated through the
 iterations: backward is one (B, n, m) x (B, m, d) product per side, and memory does not grow with n_iters.
+This is the exact derivative of OT_eps (debias=True); for <P, C> it leaves out the term -eps dKL(P*)/dx
+(measured: 1-8% of the gradient on the benchmark's loss batch at eps = 1e-3, README "Benchmark").
 
 Relative epsilon. `eps` is dimensionless: each problem uses eps_abs = eps * scale(C), with
 
@@ -37,20 +53,20 @@ W(c x, c y) = c^2 W(x, y) exactly. The standard deviation measures how much the 
 pairings differ, which is what the plan has to resolve; the small mean term keeps eps positive when all
 costs are equal (n = m = 1). Like any hyperparameter, eps_abs is held fixed when differentiating.
 
-Iterations. eps-scaling: eps starts at max(C) (the plan is then nearly a b^T) and decays geometrically to
-eps_abs over the first `anneal` fraction of the iterations (as GeomLoss and Schmitzer 2019 do); the rest
-run at eps_abs with over-relaxation (f <- (1 - w) f + w T(g), w = 1.9; Thibault et al. 2017), the last one
-plain so that the marginals are exact. The count is a Python int and the loop has no data-dependent
-branch: no host-device synchronisation, so any batch runs at full speed and the loop can be captured in a
-CUDA graph. `tol` adds an optional early stop (it synchronises every 10 iterations).
+Independence. Every quantity (centre, cost, eps, masses, the iterations) is per problem, so a problem's
+result does not depend on the others in its batch, except through rounding (matrix-product blocking) and,
+with `tol`, through the iteration count. A problem with a non-finite value at a valid position returns
+NaN (and a NaN gradient) and leaves every other problem's result untouched; `pairwise_wasserstein`
+centres on the mean of the finite sequences only.
 
-Precision. Inputs may be bf16, fp16, fp32 or fp64; the solver works in fp32 (fp64 for fp64 inputs):
+Precision. Inputs may be bf16, fp16, fp32 or fp64; the solver works in fp32 (fp64 for fp64 inputs),
+whatever autocast context is active (autocast is switched off inside: its bf16 matmul would ruin the cost):
   * the cost: both sets are centred on their common mean (C is translation invariant) so that
     |x|^2 + |y|^2 - 2 x.y involves only the spread of the data, then clamped at 0. Evaluated in bf16
     with d = 1024, that expansion is off by whole units -- as much as the distances between neighbouring
     frames -- hence fp32. (With TF32 matmuls enabled on a GPU, centring keeps the error at the scale of the
     spread rather than of the much larger norms.)
-  * the iterations: potentials are as large as the costs while log-sum-exp needs their differences to a
+  * the iterations: potentials are as large as the costs while the plan needs their differences to a
     fraction of eps; bf16's 8 significant bits would lose them. The loop only touches (B, n, m) tensors,
     which is small next to an LLM forward.
   * padded positions are zeroed before use, so NaN or huge garbage there never reaches valid entries.
@@ -58,6 +74,9 @@ Precision. Inputs may be bf16, fp16, fp32 or fp64; the solver works in fp32 (fp6
     C / eps_abs ~ 1e4 at the default eps, fp32 rounding moves the value by ~1e-4 relative: use fp64
     inputs for finite-difference checks.
 """
+import contextlib
+import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -68,28 +87,64 @@ EPS = 1e-3         # relative epsilon (module docstring)
 N_ITERS = 150      # total iterations
 ANNEAL = 0.15      # fraction of the iterations spent decaying eps from max(C) to EPS * scale(C)
 OMEGA = 1.9        # over-relaxation after annealing (1.95 already oscillates on some problems)
+ABSORB = 4         # iterations between kernel rebuilds at the final eps (8 moved an fp32 value by 0.2%)
 MEAN_WEIGHT = 1e-3  # weight of mean(C) in scale(C)
 
 
 class SinkhornResult(NamedTuple):
-    f: torch.Tensor          # (B, n) potential of x after the last f-update given g (rows exact); 0 on padding
-    g: torch.Tensor          # (B, m) potential of y; 0 on padding
-    log_plan_row: torch.Tensor  # (B, n, m) log P from (f, g): exact row sums a; -inf on padding
-    log_plan_col: torch.Tensor  # (B, n, m) log P from (f_prev, g): exact column sums b; -inf on padding
+    f: torch.Tensor          # (B, n) dual potential of x (rows of P_row exact); 0 on padding
+    g: torch.Tensor          # (B, m) dual potential of y; 0 on padding
+    log_plan_row: torch.Tensor  # (B, n, m) log P_row: exact row sums a; -inf on padding
+    log_plan_col: torch.Tensor  # (B, n, m) log P_col: exact column sums b; -inf on padding
     eps: torch.Tensor        # (B,) absolute epsilon of the last iteration
 
 
-def _work_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+# ----------------------------------------------------------------------------------------- input checks
+def _no_autocast(device):
+    """Autocast off inside the solver: it would run the cost's matrix product in bf16/fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
-def _full_masks(x, y, x_mask, y_mask):
-    x_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if x_mask is None else x_mask.bool()
-    y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if y_mask is None else y_mask.bool()
-    if x_mask.shape != x.shape[:2] or y_mask.shape != y.shape[:2]:
-        raise ValueError(f"mask shapes {tuple(x_mask.shape)} and {tuple(y_mask.shape)} do not match "
-                         f"x {tuple(x.shape)} and y {tuple(y.shape)}")
-    return x_mask, y_mask
+def _check_points(x, y, names=("x", "y"), same_batch=True):
+    for t, name in zip((x, y), names):
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got "
+                             f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
+    batch = "B" if same_batch else "Nx/Ny"
+    if x.dim() != 3 or y.dim() != 3 or x.shape[2] != y.shape[2] or (same_batch and x.shape[0] != y.shape[0]):
+        raise ValueError(f"expected {names[0]} ({batch}, n, d) and {names[1]} ({batch}, m, d), "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"{names[0]} is on {x.device} and {names[1]} on {y.device}: they must be on one device")
+
+
+def _check_mask(mask, shape, device, name):
+    """None -> all valid; bool, or an integer/float tensor holding only 0 and 1 -> bool (True = valid)."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not torch.is_tensor(mask):
+        raise ValueError(f"{name} must be a tensor (bool, True = valid position), got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (batch, positions)")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the points are on {device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[:1].tolist() if not mask.is_complex() else ["complex"]
+        raise ValueError(f"{name} must be bool, or hold only 0 and 1 (True / 1 = valid position, False / 0 = "
+                         f"padding); got the value {bad[0] if bad else '?'} (an additive 0 / -inf mask? use "
+                         f"mask == 0)")
+    return mask != 0
+
+
+def _check_params(eps, n_iters):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (relative to the cost scale), got {eps!r}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
+        raise ValueError(f"n_iters must be an integer >= 1, got {n_iters!r}")
 
 
 def _check_nonempty(mask, name):
@@ -101,16 +156,36 @@ def _check_nonempty(mask, name):
                          "every problem needs at least one valid point on each side")
 
 
-def _centre(x, y, x_mask, y_mask, dims):
-    """Zero the padding and subtract the mean of the valid points of x and y together, taken over `dims`
-    ((1,): per problem; (0, 1): over everything), in the work dtype."""
+def _work_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------- cost
+def _zero_padding(x, mask, dt):
+    """A work-dtype copy of x with the padded positions set to 0 (NaN / inf garbage there is dropped)."""
+    out = x.to(dt, copy=True)
+    return out.masked_fill_(~mask[..., None], 0.0)
+
+
+def _centred_cost(x, y, x_mask, y_mask):
+    """(centred x, centred y, C) for bool masks: padding zeroed, both sets centred on the mean of their
+    valid points (per problem), C = |x|^2 + |y|^2 - 2 x.y clamped at 0, and 0 on every entry that involves
+    padding. One copy of each input is the only (B, n, d) allocation."""
     dt = _work_dtype(x, y)
-    xm, ym = x_mask.unsqueeze(-1).to(dt), y_mask.unsqueeze(-1).to(dt)
-    x = torch.where(xm > 0, x.to(dt), 0.0)
-    y = torch.where(ym > 0, y.to(dt), 0.0)
-    count = xm.sum(dims, keepdim=True) + ym.sum(dims, keepdim=True)
-    centre = (x.sum(dims, keepdim=True) + y.sum(dims, keepdim=True)) / count.clamp(min=1)
-    return (x - centre) * xm, (y - centre) * ym
+    xc, yc = _zero_padding(x, x_mask, dt), _zero_padding(y, y_mask, dt)
+    count = (x_mask.sum(1) + y_mask.sum(1)).clamp(min=1).to(dt)[:, None]
+    centre = ((xc.sum(1) + yc.sum(1)) / count)[:, None, :]
+    xc.sub_(centre)
+    yc.sub_(centre)         # padded rows now hold -centre: finite, and they get no mass
+    cost = _sq_dist(xc, yc)
+    valid = x_mask[:, :, None] & y_mask[:, None, :]
+    return xc, yc, cost.masked_fill_(~valid, 0.0)
+
+
+def _sq_dist(xc, yc):
+    x2 = torch.linalg.vector_norm(xc, dim=-1).square_()
+    y2 = torch.linalg.vector_norm(yc, dim=-1).square_()
+    return torch.baddbmm(x2[:, :, None] + y2[:, None, :], xc, yc.transpose(1, 2), alpha=-2.0).clamp_(min=0.0)
 
 
 def cost_matrix(x, y, x_mask=None, y_mask=None):
@@ -118,18 +193,16 @@ def cost_matrix(x, y, x_mask=None, y_mask=None):
 
     Padding is zeroed, both sets are centred on the mean of their valid points, C is expanded as
     |x|^2 + |y|^2 - 2 x.y and clamped at 0 (module docstring, "Precision"). Entries that involve padding
-    are meaningless; the solver gives them no mass.
+    are 0; the solver gives them no mass.
     """
-    return _centred_cost(x, y, *_full_masks(x, y, x_mask, y_mask))[2]
+    _check_points(x, y)
+    x_mask = _check_mask(x_mask, x.shape[:2], x.device, "x_mask")
+    y_mask = _check_mask(y_mask, y.shape[:2], y.device, "y_mask")
+    with _no_autocast(x.device):
+        return _centred_cost(x, y, x_mask, y_mask)[2]
 
 
-def _centred_cost(x, y, x_mask, y_mask):
-    """(centred x, centred y, C) for full masks; see cost_matrix."""
-    x, y = _centre(x, y, x_mask, y_mask, dims=(1,))
-    cost = (x * x).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(1) - 2.0 * x @ y.transpose(1, 2)
-    return x, y, cost.clamp(min=0.0)
-
-
+# ----------------------------------------------------------------------------------------- solver
 def _scale(cost, valid):
     """scale(C) = std(C) + 1e-3 mean(C) and max(C) over the valid entries, per problem -> (B,), (B,)."""
     count = valid.sum((1, 2)).clamp(min=1)
@@ -138,113 +211,169 @@ def _scale(cost, valid):
     return var.sqrt() + MEAN_WEIGHT * mean, cost.amax((1, 2))
 
 
-def _logsumexp(z, dim):
-    """log sum_dim exp(z), keepdim. Terms more than 80 (fp64: 700) below the maximum are raised to that
-    floor before exp(): they add less than e^-80 relative to the largest term either way, and on CPUs
-    exp() of very negative numbers takes a slow underflow path (measured 20-60x slower)."""
-    top = z.amax(dim, keepdim=True)
-    floor = 700.0 if z.dtype == torch.float64 else 80.0
-    return top + (z - top).clamp_(min=-floor).exp_().sum(dim, keepdim=True).log_()
+def _kernel(g, cost, e, valid, x_mask, y_mask, floor):
+    """Rebuild after absorbing: Z = (G_j - C_ij) / e shifted so that every row and every column of
+    K = exp(Z) has its largest entry exactly 1 (no row or column can underflow), exponents floored at `floor`
+    (no denormals; absorbing every ABSORB iterations keeps u, v near 1, so the floor adds < e^-70 relative
+    mass), 0 on every entry that involves padding. G is -inf on padded
+    columns and padded rows are set to -inf, so padding never sets a maximum. -> (K, f, g): the potentials of K, P = diag(u) K diag(v)."""
+    z = torch.sub(g[:, None, :], cost)
+    top = z.amax(2, keepdim=True)                       # (B, n, 1)
+    z.sub_(top).masked_fill_(~x_mask[:, :, None], float("-inf"))   # padded rows must not set a maximum
+    side = z.amax(1, keepdim=True).clamp_(max=0.0)      # (B, 1, m); 0 wherever a row attains its maximum
+    side.masked_fill_(~y_mask[:, None, :], 0.0)         # padded columns: -inf - -inf would be NaN
+    z.sub_(side).div_(e[:, :, None])
+    K = z.clamp_(min=floor).exp_().mul_(valid)
+    return K, -top[:, :, 0], g - side[:, 0, :]
+
+
+class _Solution(NamedTuple):
+    plan: torch.Tensor   # (B, n, m) P_row = diag(u) K diag(v): rows sum to a; 0 on padding
+    col: torch.Tensor    # (B, m) column sums of P_row
+    a: torch.Tensor      # (B, n) masses
+    b: torch.Tensor      # (B, m)
+    f: torch.Tensor      # (B, n) potentials F, G of P_row (log masses included); 0 on padding
+    g: torch.Tensor
+    eps: torch.Tensor    # (B,) absolute epsilon
+
+
+@torch.no_grad()
+def _solve(cost, x_mask, y_mask, eps, n_iters, anneal=ANNEAL, omega=OMEGA, tol=None):
+    """The loop of the module docstring on cost (B, n, m) (0 on padding), bool masks -> _Solution."""
+    B, n, m = cost.shape
+    dt = cost.dtype
+    floor = -700.0 if dt == torch.float64 else -80.0
+    lo, hi = math.exp(floor + 10), math.exp(-floor - 10)
+    xm, ym = x_mask.to(dt), y_mask.to(dt)
+    a = xm / xm.sum(1, keepdim=True)
+    b = ym / ym.sum(1, keepdim=True)
+    a_safe, b_safe = torch.where(x_mask, a, 1.0), torch.where(y_mask, b, 1.0)   # u, v = 1 on padding
+    pad_x, pad_y = 1.0 - xm, 1.0 - ym        # K is 0 on padded rows / columns: K v + 1 there
+    valid = (x_mask[:, :, None] & y_mask[:, None, :]).to(dt)
+
+    scale, cmax = _scale(cost, valid > 0)
+    eps_end = (eps * scale).clamp(min=torch.finfo(dt).tiny)[:, None]          # (B, 1)
+    eps_start = torch.maximum(cmax[:, None], eps_end)
+    n_anneal = max(1, min(n_iters, round(anneal * n_iters)))
+    log_ratio = (eps_end / eps_start).log()
+
+    # F, G: total potentials (cost units). Between rebuilds P = diag(u) K diag(v), F = f + e log u.
+    F = torch.zeros(B, n, dtype=dt, device=cost.device)
+    G = torch.where(y_mask, 0.0, float("-inf")).to(dt)
+    e = v = None
+    for k in range(n_iters):
+        annealing = k < n_anneal
+        if annealing or (k - n_anneal) % ABSORB == 0:   # absorb the scalings, rebuild K (maybe new eps)
+            if e is not None:
+                F = f + e * torch.where(x_mask, u.log(), 0.0)
+                G = G + e * torch.where(y_mask, v.log(), 0.0)
+            first = e is None
+            t = (min(1.0, k / (n_anneal - 1)) if n_anneal > 1 else 0.0) if annealing else 1.0
+            e = eps_start * (log_ratio * t).exp()       # t = 1: eps_abs (the last annealing step when > 1)
+            K, f, g = _kernel(G, cost, e, valid, x_mask, y_mask, floor)
+            if first:
+                u, v = torch.ones_like(F), torch.ones_like(G)
+            else:   # the same (F, G) in the new kernel; this plan's entries are <= ~1, so are u and v
+                u = ((F - f) / e).clamp_(min=floor, max=-floor).exp_()
+                v = torch.where(y_mask, ((G - g) / e).clamp_(min=floor, max=-floor).exp_(), 1.0)
+            G = g
+        w = omega if not annealing and k < n_iters - 1 else 1.0
+        kv = torch.bmm(v[:, None, :], K.transpose(1, 2))[:, 0]
+        u_new = a_safe / (kv + pad_x)
+        if tol is not None and not annealing and (k - n_anneal) % 10 == 9:
+            ktu = torch.bmm(u[:, None, :], K)[:, 0]
+            err = (u * kv - a).abs().sum(1) + (v * ktu - b).abs().sum(1)
+            if not bool((err > tol).any()):      # NaN (a poisoned problem) counts as done
+                break
+        # u^(1-w) u_new^w without overflow; clamped to [e^-70, e^70] (fp64: +-690): far from convergence (a
+        # short schedule) the scalings can run away before the next absorption, which then undoes the clamp
+        u = (u_new if w == 1.0 else u_new * (u_new / u).pow_(w - 1.0)).clamp_(min=lo, max=hi)
+        ktu = torch.bmm(u[:, None, :], K)[:, 0]
+        v_new = b_safe / (ktu + pad_y)
+        v = (v_new if w == 1.0 else v_new * (v_new / v).pow_(w - 1.0)).clamp_(min=lo, max=hi)
+    u = a_safe / (torch.bmm(v[:, None, :], K.transpose(1, 2))[:, 0] + pad_x)   # plain: rows exact
+    plan = K * u[:, :, None]
+    plan.mul_(v[:, None, :])
+    f = torch.where(x_mask, f + e * u.log(), 0.0)
+    g = torch.where(y_mask, G + e * v.log(), 0.0)
+    return _Solution(plan, plan.sum(1), a, b, f, g, e[:, 0])
+
+
+def _values(sol, cost):
+    """(<P, C> averaged over P_row and P_col, OT_eps dual value) per problem."""
+    pc = (sol.plan * cost).sum(1)                                        # (B, m) column sums of P * C
+    ratio = torch.where(sol.b > 0, sol.b / sol.col, 0.0)                 # P_col = P_row diag(b / col)
+    primal = 0.5 * (pc.sum(1) + (ratio * pc).sum(1))
+    n, m = (sol.a > 0).sum(1).to(cost.dtype), (sol.b > 0).sum(1).to(cost.dtype)
+    dual = (sol.a * sol.f).sum(1) + (sol.b * sol.g).sum(1) + sol.eps * (n.log() + m.log())
+    return primal, dual
 
 
 @torch.no_grad()
 def sinkhorn(cost: torch.Tensor, x_mask: Optional[torch.Tensor] = None, y_mask: Optional[torch.Tensor] = None,
              *, eps: float = EPS, n_iters: int = N_ITERS, anneal: float = ANNEAL, omega: float = OMEGA,
              tol: Optional[float] = None) -> SinkhornResult:
-    """Log-domain Sinkhorn on a batch of cost matrices with padding masks (no gradient).
+    """Stabilised Sinkhorn on a batch of cost matrices with padding masks (no gradient).
 
-    cost (B, n, m); x_mask (B, n), y_mask (B, m) bool, True = valid (None = all valid). Masses are uniform
-    on the valid positions: a_i = 1/n_b, b_j = 1/m_b. eps is relative: eps_abs = eps * scale(C) per
-    problem. The first round(anneal * n_iters) iterations decay eps geometrically from max(C) to eps_abs;
-    the others run at eps_abs, over-relaxed by omega except the last. tol: optional early stop once the
-    L1 error of the column sums of P_row is below tol for every problem (checked every 10 iterations).
+    cost (B, n, m); x_mask (B, n), y_mask (B, m) bool (or 0/1), True = valid (None = all valid). Masses
+    are uniform on the valid positions: a_i = 1/n_b, b_j = 1/m_b. eps is relative: eps_abs = eps * scale(C)
+    per problem. The first round(anneal * n_iters) iterations decay eps geometrically from max(C) to
+    eps_abs; the others run at eps_abs, over-relaxed by omega except the last. tol: optional early stop
+    once the L1 error of both marginals of the plan is below tol for every problem (checked every 10
+    iterations, one host sync each).
 
     Returns SinkhornResult(f, g, log_plan_row, log_plan_col, eps) where
-        log P_ij = log a_i + log b_j + (f_i + g_j - C_ij) / eps.
+        log P_row,ij = log a_i + log b_j + (f_i + g_j - C_ij) / eps     (up to the exponent floor).
     Differentiate through the plan with `wasserstein` (envelope theorem), not through this loop.
     Raises ValueError naming the batch index if a problem has no valid position on one side.
     """
-    if cost.dim() != 3:
-        raise ValueError(f"cost must be (B, n, m), got shape {tuple(cost.shape)}")
-    if n_iters < 1:
-        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+    if not torch.is_tensor(cost) or cost.dim() != 3 or not cost.is_floating_point():
+        raise ValueError(f"cost must be a floating-point (B, n, m) tensor, got "
+                         f"{tuple(cost.shape) if torch.is_tensor(cost) else type(cost).__name__}")
+    _check_params(eps, n_iters)
     B, n, m = cost.shape
-    dt = _work_dtype(cost)
-    x_mask = torch.ones(B, n, dtype=torch.bool, device=cost.device) if x_mask is None else x_mask.bool()
-    y_mask = torch.ones(B, m, dtype=torch.bool, device=cost.device) if y_mask is None else y_mask.bool()
+    x_mask = _check_mask(x_mask, (B, n), cost.device, "x_mask")
+    y_mask = _check_mask(y_mask, (B, m), cost.device, "y_mask")
     _check_nonempty(x_mask, "x_mask")
     _check_nonempty(y_mask, "y_mask")
     valid = x_mask[:, :, None] & y_mask[:, None, :]
-    cost = torch.where(valid, cost.to(dt), 0.0)           # garbage on padding must not become NaN * 0
-
-    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=cost.device)
-    log_a = torch.where(x_mask, -x_mask.sum(1, keepdim=True).to(dt).log(), neg_inf)[:, :, None]  # (B, n, 1)
-    log_b = torch.where(y_mask, -y_mask.sum(1, keepdim=True).to(dt).log(), neg_inf)[:, None, :]  # (B, 1, m)
-
-    scale, cmax = _scale(cost, valid)
-    eps_end = (eps * scale).clamp(min=torch.finfo(dt).tiny)[:, None, None]        # (B, 1, 1)
-    eps_start = torch.maximum(cmax[:, None, None], eps_end)
-    n_anneal = max(1, min(n_iters, round(anneal * n_iters)))
-    log_ratio = (eps_end / eps_start).log()
-
-    # Potentials are kept in cost units; ce = C / eps is recomputed only while eps changes (annealing).
-    def f_update(g, e, ce):   # exact row sums
-        return torch.where(x_mask[:, :, None], -e * _logsumexp((log_b + g / e) - ce, dim=2), 0.0)
-
-    def g_update(f, e, ce):   # exact column sums
-        return torch.where(y_mask[:, None, :], -e * _logsumexp((log_a + f / e) - ce, dim=1), 0.0)
-
-    f = torch.zeros(B, n, 1, dtype=dt, device=cost.device)
-    g = torch.zeros(B, 1, m, dtype=dt, device=cost.device)
-    for k in range(n_iters):
-        if k < n_anneal:
-            e = eps_start * (log_ratio * min(1.0, k / max(1, n_anneal - 1))).exp()
-            ce = cost / e
-        w = omega if n_anneal <= k < n_iters - 1 else 1.0
-        f = (1 - w) * f + w * f_update(g, e, ce) if w != 1.0 else f_update(g, e, ce)
-        g = (1 - w) * g + w * g_update(f, e, ce) if w != 1.0 else g_update(f, e, ce)
-        if tol is not None and k >= n_anneal and (k - n_anneal) % 10 == 9:
-            col_err = (torch.logsumexp(log_a + log_b + (f_update(g, e, ce) + g) / e - ce, dim=1).exp()
-                       - log_b.squeeze(1).exp()).abs().sum(1)
-            if bool((col_err < tol).all()):
-                break
-    f_row = f_update(g, e, ce)
-    log_plan_col = log_a + log_b + (f + g - cost) / e
-    log_plan_row = log_a + log_b + (f_row + g - cost) / e
-    return SinkhornResult(f_row[:, :, 0], g[:, 0, :], log_plan_row, log_plan_col, e[:, 0, 0])
+    with _no_autocast(cost.device):
+        cost = torch.where(valid, cost.to(_work_dtype(cost)), 0.0)   # garbage on padding must not become NaN
+        sol = _solve(cost, x_mask, y_mask, eps, n_iters, anneal, omega, tol)
+        log_row = torch.where(valid, sol.plan.log(), float("-inf"))
+        log_col = log_row + torch.where(sol.b > 0, sol.b / sol.col, 1.0).log()[:, None, :]
+        e = sol.eps[:, None]     # standard potentials: P = a b exp((f + g - C) / e), F = f + e log a
+        f = torch.where(x_mask, sol.f - e * sol.a.log(), 0.0)
+        g = torch.where(y_mask, sol.g - e * sol.b.log(), 0.0)
+    return SinkhornResult(f, g, log_row, log_col, sol.eps)
 
 
-def _plans_and_values(cost, x_mask, y_mask, eps, n_iters):
-    """Solve, and return (P_row, P_col, <P, C> averaged over the two plans, OT_eps dual value)."""
-    res = sinkhorn(cost, x_mask, y_mask, eps=eps, n_iters=n_iters)
-    p_row, p_col = res.log_plan_row.exp(), res.log_plan_col.exp()   # exp(-inf) = 0 on padding
-    primal = 0.5 * ((p_row * cost).sum((1, 2)) + (p_col * cost).sum((1, 2)))
-    a = x_mask.to(cost.dtype) / x_mask.sum(1, keepdim=True)
-    b = y_mask.to(cost.dtype) / y_mask.sum(1, keepdim=True)
-    dual = (a * res.f).sum(1) + (b * res.g).sum(1)                  # OT_eps at the fixed point
-    return p_row, p_col, primal, dual
-
-
+# ----------------------------------------------------------------------------------------- loss
 class _Transport(torch.autograd.Function):
     """value(x, y) with the envelope gradient of the module docstring (the plan is held fixed)."""
 
     @staticmethod
     def forward(ctx, x, y, x_mask, y_mask, eps, n_iters, entropic):
-        xc, yc, cost = _centred_cost(x.detach(), y.detach(), x_mask, y_mask)
-        p_row, p_col, primal, dual = _plans_and_values(cost, x_mask, y_mask, eps, n_iters)
-        ctx.save_for_backward(xc, yc, p_row, p_col)
+        with _no_autocast(x.device):
+            xc, yc, cost = _centred_cost(x.detach(), y.detach(), x_mask, y_mask)
+            sol = _solve(cost, x_mask, y_mask, eps, n_iters)
+            primal, dual = _values(sol, cost)
+        ratio = torch.where(sol.b > 0, sol.b / sol.col, 0.0)
+        ctx.save_for_backward(xc, yc, sol.plan, sol.a, sol.b, ratio)
         ctx.dtypes = (x.dtype, y.dtype)
         return dual if entropic else primal
 
     @staticmethod
     def backward(ctx, grad):
-        xc, yc, p_row, p_col = ctx.saved_tensors
-        grad = grad.to(xc.dtype)[:, None, None]
-        gx = gy = None
-        if ctx.needs_input_grad[0]:   # 2 sum_j P_ij (x_i - y_j), P with exact row sums
-            gx = (2.0 * grad * (p_row.sum(2, keepdim=True) * xc - p_row @ yc)).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:   # 2 sum_i P_ij (y_j - x_i), P with exact column sums
-            gy = (2.0 * grad * (p_col.sum(1).unsqueeze(-1) * yc - p_col.transpose(1, 2) @ xc)).to(ctx.dtypes[1])
+        xc, yc, plan, a, b, ratio = ctx.saved_tensors
+        with _no_autocast(xc.device):
+            s = 2.0 * grad.to(xc.dtype)[:, None, None]
+            gx = gy = None
+            if ctx.needs_input_grad[0]:   # 2 sum_j P_ij (x_i - y_j), P with exact row sums a
+                gx = torch.baddbmm(xc * (s * a[:, :, None]), plan * s, yc, alpha=-1.0).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:   # 2 sum_i P_ij (y_j - x_i), P diag(b / col): exact column sums b
+                p_col = plan * (s * ratio[:, None, :])
+                gy = torch.baddbmm(yc * (s * b[:, :, None]), p_col.transpose(1, 2), xc, alpha=-1.0).to(ctx.dtypes[1])
         return gx, gy, None, None, None, None, None
 
 
@@ -253,21 +382,26 @@ def wasserstein(x: torch.Tensor, y: torch.Tensor, x_mask: Optional[torch.Tensor]
                 debias: bool = False) -> torch.Tensor:
     """Wasserstein loss between batches of point clouds (paper eq. 1), differentiable in x and y.
 
-    x (B, n, d), y (B, m, d) in any float dtype; x_mask (B, n), y_mask (B, m) bool, True = valid
-    (None = all valid); padded positions may hold anything. Uniform mass on the valid positions.
-    Returns (B,) in fp32 (fp64 for fp64 inputs):
+    x (B, n, d), y (B, m, d) in any float dtype, on one device; x_mask (B, n), y_mask (B, m) bool (or
+    integer / float holding only 0 and 1), True = valid (None = all valid); padded positions may hold
+    anything. Uniform mass on the valid positions. Returns (B,) in fp32 (fp64 for fp64 inputs):
         debias=False: <P, C>, the squared-Euclidean W of eq. 1 estimated by entropic OT;
         debias=True:  the Sinkhorn divergence OT_eps(x, y) - OT_eps(x, x)/2 - OT_eps(y, y)/2.
-    eps is relative to each problem's cost scale (module docstring). The gradient is the envelope
-    gradient 2 sum_j P_ij (x_i - y_j); memory does not grow with n_iters. Detach y to move x only
-    (the paper's text side). Raises ValueError naming the batch index if a problem has no valid
+    eps (> 0) is relative to each problem's cost scale (module docstring); n_iters >= 1. The gradient is
+    the envelope gradient 2 sum_j P_ij (x_i - y_j); memory does not grow with n_iters. Detach y to move x
+    only (the paper's text side). Computes in fp32 even under autocast. A problem with a non-finite value
+    at a valid position returns NaN (NaN gradient) and leaves the others untouched. Raises ValueError on
+    a bad shape, device, mask, eps or n_iters, and naming the batch index if a problem has no valid
     position on one side.
     """
-    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"expected x (B, n, d) and y (B, m, d), got {tuple(x.shape)} and {tuple(y.shape)}")
-    x_mask, y_mask = _full_masks(x, y, x_mask, y_mask)
+    _check_points(x, y)
+    _check_params(eps, n_iters)
+    x_mask = _check_mask(x_mask, x.shape[:2], x.device, "x_mask")
+    y_mask = _check_mask(y_mask, y.shape[:2], y.device, "y_mask")
     _check_nonempty(x_mask, "x_mask")
     _check_nonempty(y_mask, "y_mask")
+    if x.shape[0] == 0:
+        return x.new_zeros(0, dtype=_work_dtype(x, y)) + 0.0 * (x.sum() + y.sum())   # keeps the graph
     value = _Transport.apply(x, y, x_mask, y_mask, eps, n_iters, debias)
     if debias:
         value = value - 0.5 * _Transport.apply(x, x, x_mask, x_mask, eps, n_iters, True) \
@@ -284,27 +418,43 @@ def pairwise_wasserstein(x: torch.Tensor, y: torch.Tensor, x_mask: Optional[torc
     x (Nx, n, d), y (Ny, m, d), masks as in `wasserstein`. Blocks of at most `chunk_size` pairs are
     solved as one batch, so memory is O(chunk_size * n * m + (Nx n + Ny m) d), never O(Nx Ny n m); the
     cost of a block is one matrix product of the stacked points. All points are centred on one common
-    mean first (hidden states of an LLM layer share a large common offset). No gradient.
-    D_ij equals wasserstein(x[i:i+1], y[j:j+1]) up to rounding.
+    mean first (hidden states of an LLM layer share a large common offset), taken over the sequences whose
+    valid values are all finite: a sequence with a NaN or inf gets a NaN row (or column) and changes no
+    other entry. No gradient. D_ij equals wasserstein(x[i:i+1], y[j:j+1]) up to rounding.
     """
-    if x.dim() != 3 or y.dim() != 3 or x.shape[2] != y.shape[2]:
-        raise ValueError(f"expected x (Nx, n, d) and y (Ny, m, d), got {tuple(x.shape)} and {tuple(y.shape)}")
-    x_mask, y_mask = _full_masks(x, y, x_mask, y_mask)
+    _check_points(x, y, same_batch=False)
+    _check_params(eps, n_iters)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    x_mask = _check_mask(x_mask, x.shape[:2], x.device, "x_mask")
+    y_mask = _check_mask(y_mask, y.shape[:2], y.device, "y_mask")
     _check_nonempty(x_mask, "x_mask")
     _check_nonempty(y_mask, "y_mask")
     (Nx, n, d), (Ny, m, _) = x.shape, y.shape
-    xc, yc = _centre(x, y, x_mask, y_mask, dims=(0, 1))
-    x2, y2 = (xc * xc).sum(-1), (yc * yc).sum(-1)                          # (Nx, n), (Ny, m)
-    out = torch.empty(Nx, Ny, dtype=xc.dtype, device=x.device)
-    cj = max(1, min(Ny, chunk_size))
-    ci = max(1, min(Nx, chunk_size // cj))
-    for i in range(0, Nx, ci):
-        for j in range(0, Ny, cj):
-            a, b = min(ci, Nx - i), min(cj, Ny - j)
-            dot = (xc[i:i + a].reshape(a * n, d) @ yc[j:j + b].reshape(b * m, d).T).view(a, n, b, m)
-            cost = (x2[i:i + a, :, None, None] + y2[None, None, j:j + b, :] - 2.0 * dot).clamp(min=0.0)
-            cost = cost.permute(0, 2, 1, 3).reshape(a * b, n, m)
-            xm = x_mask[i:i + a, None, :].expand(a, b, n).reshape(a * b, n)
-            ym = y_mask[None, j:j + b, :].expand(a, b, m).reshape(a * b, m)
-            out[i:i + a, j:j + b] = _plans_and_values(cost, xm, ym, eps, n_iters)[2].view(a, b)
+    dt = _work_dtype(x, y)
+    out = torch.empty(Nx, Ny, dtype=dt, device=x.device)
+    with _no_autocast(x.device):
+        xc, yc = _zero_padding(x, x_mask, dt), _zero_padding(y, y_mask, dt)
+        fx = torch.isfinite(xc).flatten(1).all(1)      # sequences that may enter the common centre
+        fy = torch.isfinite(yc).flatten(1).all(1)
+        total = xc[fx].sum((0, 1)) + yc[fy].sum((0, 1))
+        count = (x_mask[fx].sum() + y_mask[fy].sum()).clamp(min=1).to(dt)
+        centre = total / count
+        xc.sub_(centre)
+        yc.sub_(centre)
+        x2 = torch.linalg.vector_norm(xc, dim=-1).square_()                  # (Nx, n)
+        y2 = torch.linalg.vector_norm(yc, dim=-1).square_()                  # (Ny, m)
+        cj = max(1, min(Ny, chunk_size))
+        ci = max(1, min(Nx, chunk_size // cj))
+        for i in range(0, Nx, ci):
+            for j in range(0, Ny, cj):
+                a, b = min(ci, Nx - i), min(cj, Ny - j)
+                dot = (xc[i:i + a].reshape(a * n, d) @ yc[j:j + b].reshape(b * m, d).T).view(a, n, b, m)
+                cost = (x2[i:i + a, :, None, None] + y2[None, None, j:j + b, :] - 2.0 * dot).clamp_(min=0.0)
+                cost = cost.permute(0, 2, 1, 3).reshape(a * b, n, m)
+                xm = x_mask[i:i + a, None, :].expand(a, b, n).reshape(a * b, n)
+                ym = y_mask[None, j:j + b, :].expand(a, b, m).reshape(a * b, m)
+                cost.masked_fill_(~(xm[:, :, None] & ym[:, None, :]), 0.0)
+                sol = _solve(cost, xm, ym, eps, n_iters)
+                out[i:i + a, j:j + b] = _values(sol, cost)[0].view(a, b)
     return out

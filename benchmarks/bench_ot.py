@@ -123,16 +123,33 @@ def peak_memory_mb(case, contender, quick):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def contenders(case):
+def contenders(case, quick=False):
     if case.startswith("retrieval"):
         return {"ours fp32": ours_pairwise(torch.float32), "ours bf16": ours_pairwise(torch.bfloat16)}
+    # GeomLoss on ours' entropic problem: its eps = blur^2 on its |x-y|^2 / 2 scale = ours' eps_abs / 2
+    # (the median over the batch: GeomLoss takes one blur)
+    x, y = inputs(case, quick)
+    reg, _ = pot_reg(x, y)
+    same = round(float(np.sqrt(np.median(reg) / 2)), 3)
+    grid = GEOMLOSS_GRID + [(same, s) for s in (0.5, 0.7, 0.9)]
     return {"ours fp32": ours(torch.float32), "ours bf16": ours(torch.bfloat16),
             "ours fp32 n_iters=50": ours(torch.float32, 50), "ours fp32 n_iters=20": ours(torch.float32, 20),
             "POT solve_batch": pot_solve_batch, "POT sinkhorn_log loop": pot_loop,
-            **{f"GeomLoss blur={b} scaling={s}": geomloss(b, s) for b, s in GEOMLOSS_GRID}}
+            **{f"GeomLoss blur={b} scaling={s}" + (" (ours' eps)" if b == same else ""): geomloss(b, s)
+               for b, s in grid}}
 
 
 GEOMLOSS_GRID = [(0.5, 0.5), (0.2, 0.5), (0.2, 0.7), (0.1, 0.7), (0.1, 0.9)]
+
+
+def per_iteration(x, y, repeat=3):
+    """(seconds per solver iteration of ours, the two-pass limit): the difference of 300 and 150 iterations
+    over 150, against two passes of exp + sum over the (B, n, m) cost (one per half-iteration)."""
+    t150, _ = timed(ours(torch.float32, 150), x, y, repeat=repeat)
+    t300, _ = timed(ours(torch.float32, 300), x, y, repeat=repeat)
+    cost = aista_ot.cost_matrix(x, y)
+    limit, _ = timed(lambda c: c.exp().sum(2), cost, repeat=20)
+    return (t300 - t150) / 150, 2 * limit
 
 
 def cases(quick):
@@ -158,7 +175,7 @@ def rss_mb():
 def memory_probe(case, contender, quick):
     """Peak resident-set growth while `contender` runs once, sampled every 0.5 ms by a thread (Linux)."""
     x, y = inputs(case, quick)
-    fn = {**contenders(case), "ours fp32 n_iters=50": ours(torch.float32, 50),
+    fn = {**contenders(case, quick), "ours fp32 n_iters=50": ours(torch.float32, 50),
           "ours fp32 n_iters=500": ours(torch.float32, 500)}[contender]
     base, peak, done = rss_mb(), [0.0], threading.Event()
 
@@ -194,7 +211,7 @@ def main():
         else:
             truth = exact_w(x, y)
         rows = []
-        for name, fn in contenders(case).items():
+        for name, fn in contenders(case, args.quick).items():
             seconds, values = timed(fn, x, y, repeat=1 if "loop" in name or case.startswith("retrieval") else 3)
             if case.startswith("retrieval"):
                 values = values[:20, :20].numpy()
@@ -209,6 +226,21 @@ def main():
         for r in rows:
             print(f"| {r['contender']} | {r['seconds']:.4f} | {r['seconds'] / ref:.2f} | {r['error']:.4f} | {r['peak_mb']:.0f} |")
         results[case] = rows
+        if not case.startswith("retrieval"):
+            mine = rows[0]
+            geo = [r for r in rows if r["contender"].startswith("GeomLoss")]
+            as_good = [r for r in geo if r["error"] <= mine["error"]]
+            fastest = min(geo, key=lambda r: r["seconds"])
+            print(f"ours fp32 (error {mine['error']:.2e}) vs GeomLoss: " + ", ".join(
+                f"{r['contender'][9:]} {r['seconds'] / mine['seconds']:.2f}x slower at {r['error'] / max(mine['error'], 1e-12):.0f}x the error"
+                for r in geo))
+            print(f"  fastest GeomLoss setting: {fastest['seconds'] / mine['seconds']:.2f}x ours' time; "
+                  + (f"fastest at no worse error: {min(r['seconds'] for r in as_good) / mine['seconds']:.2f}x" if as_good
+                     else "no GeomLoss setting reaches ours' error"))
+            it, limit = per_iteration(x, y)
+            print(f"  time per iteration: ours {it * 1e3:.3f} ms, two-pass limit (2 x exp + sum over B x n x m) "
+                  f"{limit * 1e3:.3f} ms: {it / limit:.2f}x the limit")
+            results[case + " per_iteration"] = dict(ours=it, limit=limit)
     case = "loss d=896"
     mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
     print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: {mem[500]:.0f} MB")
