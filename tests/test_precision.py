@@ -134,7 +134,6 @@ def test_stage3_step_with_bf16_llm(tiny_models, reference_steps, align, dtype):
     assert err < BF16_TOL
 
 
-@pytest.mark.xfail(strict=False, reason="ot.py autocast fix on branch ot")
 def test_ot_term_is_float32_under_autocast(tiny_models):
     """ot.wasserstein computes in float32 whatever autocast is active (its docstring): on the same bf16 states, W and
     its gradient inside bf16 autocast equal those outside up to float32 rounding (1e-3 is ~100x that, and 10-30x
