@@ -83,6 +83,7 @@ from tqdm import tqdm
 
 import data
 import ot
+import train  # init_distributed, collective_failure: the process group as in training
 
 TOKENIZE_BY_LANG = {"zh": "zh", "ja": "ja-mecab"}  # every other target language: "13a"
 DEFAULT_TOKENIZE = "13a"
@@ -376,21 +377,6 @@ def score_hyps_file(args):
     return s
 
 # ----------------------------------------------------------------------------- ranks
-
-
-def init_distributed(timeout_minutes=60.0):
-    """torchrun (WORLD_SIZE > 1) -> process group (nccl on GPU, gloo on CPU) with a finite collective timeout
-    (--dist-timeout). Returns (rank, world, device)."""
-    import datetime
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)  # before init: nccl's all_gather_object uses the current device
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def shard(n, rank, world):
@@ -1088,7 +1074,7 @@ def run(args):
         out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
                                                   os.path.splitext(os.path.basename(args.manifest))[0])
     modes = [m for m in args.mode if m != "none"]
-    rank, world, device = init_distributed(args.dist_timeout)
+    rank, world, device = train.init_distributed(args.dist_timeout)  # nccl on GPUs, gloo on CPUs
     try:
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
@@ -1115,7 +1101,7 @@ def run(args):
             base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
             base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
     except RuntimeError as e:
-        failure = _collective_failure(e, rank, args.dist_timeout) if world > 1 else None
+        failure = train.collective_failure(e, rank, args.dist_timeout) if world > 1 else None
         if failure is None:
             raise
         raise failure from None
@@ -1195,18 +1181,6 @@ def clean_temporaries(out_dir):
     for name in os.listdir(out_dir):
         if re.fullmatch(r"(?:hyps\.(?:st|mt)\.jsonl|metrics\.json)\.tmp\d+", name):
             os.remove(os.path.join(out_dir, name))
-
-
-def _collective_failure(err, rank, minutes):
-    """A collective's RuntimeError -> EvalError saying what happened (a stuck or dead rank), or None."""
-    text = str(err)
-    if "imed out" in text or "Timeout" in text:
-        return EvalError(f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} minutes: "
-                         f"another process is stuck or dead (see its output). ({text.strip()[:300]})")
-    if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
-        return EvalError(f"rank {rank}: lost the connection to another process, which ended (see its output for "
-                         f"why). ({text.strip()[:300]})")
-    return None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

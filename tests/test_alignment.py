@@ -112,7 +112,9 @@ def test_positions_in_stage2_and_evaluation(stage1, tiny_ckpts, tmp_path, speech
     batch = next(iter(loader))
     states = {}
     for positions, lengths in (("real", real), ("all", seen)):
-        speech, text = S.collect_states(lsm, loader, [0, 2], lambda: torch.autocast("cpu", enabled=False), positions)
+        speech, text, read = S.collect_states(lsm, loader, [0, 2], lambda: torch.autocast("cpu", enabled=False),
+                                              positions)
+        assert read["ids"] == [e["id"] for e in entries]
         assert [len(h) for h in speech[0]] == lengths and [len(h) for h in speech[2]] == lengths
         states[positions] = speech
     if speech_tokens == "real":
@@ -121,7 +123,7 @@ def test_positions_in_stage2_and_evaluation(stage1, tiny_ckpts, tmp_path, speech
     for positions in ("real", "all"):
         for cost in ("sqeuclidean", "cosine"):
             args = argparse.Namespace(instructions=None, batch_size=4, num_workers=0, ot_eps=ot.EPS,
-                                      ot_iters=ot.N_ITERS, align_positions=positions, ot_cost=cost)
+                                      ot_iters=ot.N_ITERS, align_positions=positions, ot_cost=cost, dtype=None)
             recs = evaluate.representations(lsm, entries, [0, 1, 2, 3], [0, 2], args, 0, 1, pooled=False)
             logs[positions, cost] = np.array([r["log_w"][2] for r in recs])
             # by hand on the same padded tensors (ot.wasserstein's float32 value moves by ~4e-4 relative with the
