@@ -83,7 +83,9 @@ def parser():
     g.add_argument("--no-measure", action="store_true", help="counts and bytes only (no step is run)")
     g.add_argument("--measure-layers", type=int, nargs="+", default=[1, 2, 4],
                    help="LLM depths of the measured steps (0 = full depth); the deepest is the held-out point")
-    g.add_argument("--steps", type=int, default=2, help="optimiser steps per measurement (the first is not timed)")
+    g.add_argument("--steps", type=int, default=3,
+                   help="optimiser steps per measurement: 1 warm-up (AdamW state), 1 measured, the rest timed")
+    g.add_argument("--no-decode", action="store_true", help="measure training steps only")
     g.add_argument("--num-beams", type=int, default=4, help="decoding: beam size (evaluate.py default)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="decoding: new tokens (all of them are generated)")
     g.add_argument("--decode-batch-size", type=int, default=8, help="decoding: utterances per batch and GPU")
@@ -213,17 +215,24 @@ class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live, self.now, self.peak = {}, 0, 0
+        self.peak_backward = self.peak_forward = 0  # inside the autograd engine's backward / everywhere else
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in torch.utils._pytree.tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 s = t.untyped_storage()
                 key = s.data_ptr()
-                if key and key not in self.live:
+                if key and key not in self.live and key not in inputs:  # views and in-place results are no new memory
                     self.live[key] = s.nbytes()
                     self.now += s.nbytes()
                     self.peak = max(self.peak, self.now)
+                    if torch._C._current_autograd_node() is not None:
+                        self.peak_backward = max(self.peak_backward, self.now)
+                    else:
+                        self.peak_forward = max(self.peak_forward, self.now)
                     weakref.finalize(s, self._free, key)
         return out
 
@@ -259,14 +268,17 @@ def peak_memory(device):
         base = torch.cuda.memory_allocated(device)
         yield out
         torch.cuda.synchronize(device)
-        out.update(peak_bytes=torch.cuda.max_memory_allocated(device) - base, method="torch.cuda.max_memory_allocated")
+        peak = torch.cuda.max_memory_allocated(device) - base
+        out.update(peak_bytes=peak, peak_backward_bytes=peak, peak_forward_bytes=0,
+                   method="torch.cuda.max_memory_allocated (not split by phase)")
         return
     _reset_rss_peak()
     rss0 = _rss()[0]
     with LiveTensors() as live:
         yield out
-    out.update(peak_bytes=live.peak, rss_growth_bytes=max(0, _rss()[1] - rss0),
-               method="peak bytes of live tensors (TorchDispatchMode); RSS growth as a check")
+    out.update(peak_bytes=live.peak, peak_backward_bytes=live.peak_backward, peak_forward_bytes=live.peak_forward,
+               rss_growth_bytes=max(0, _rss()[1] - rss0),
+               method="peak bytes of live tensors (TorchDispatchMode), forward and backward; RSS growth as a check")
 
 
 def _text(tokenizer, n):
@@ -313,10 +325,16 @@ def measure_step(args, device, layers, batch_size):
     k = args.grad_accum or 1
     micro = [(batch, 1.0)] * k
     root = type(objective).__name__
-    with peak_memory(device) as mem, FlopCounterMode(display=False) as flops:  # step 1: allocates AdamW state
-        logs = train.train_step(objective, opt, params, micro, 0, args, 0, 1, autocast)
+    _sync(device)
+    t = time.perf_counter()
+    train.train_step(objective, opt, params, micro, 0, args, 0, 1, autocast)  # allocates the AdamW state
+    _sync(device)
+    first_s = time.perf_counter() - t
+    # step 2, steady state: AdamW state exists (static), gradients are set to None at the start of the step
+    with peak_memory(device) as mem, FlopCounterMode(display=False) as flops:
+        logs = train.train_step(objective, opt, params, micro, 1, args, 0, 1, autocast)
     times = []
-    for step in range(1, args.steps):
+    for step in range(2, args.steps):
         _sync(device)
         t = time.perf_counter()
         train.train_step(objective, opt, params, micro, step, args, 0, 1, autocast)
@@ -327,10 +345,12 @@ def measure_step(args, device, layers, batch_size):
                      batch["instructions"], batch["targets"])["mask"].shape[1]
     # FLOPs of one encoder layer (run once per micro-batch, forward only), to extrapolate to the full depth
     out = dict(llm_layers=lsm.n_layers, batch=batch_size, seq_len=seq, loss=logs["loss"],
-               peak_bytes=mem["peak_bytes"], rss_growth_bytes=mem.get("rss_growth_bytes"), method=mem["method"],
-               grad_adam_bytes=static["grad_bytes"] + static["adam_bytes"],
-               activation_bytes=mem["peak_bytes"] - static["grad_bytes"] - static["adam_bytes"],
-               step_s=sum(times) / len(times) if times else None, flops=flops.get_total_flops() / k,
+               peak_bytes=mem["peak_bytes"], peak_forward_bytes=mem["peak_forward_bytes"],
+               peak_backward_bytes=mem["peak_backward_bytes"], rss_growth_bytes=mem.get("rss_growth_bytes"),
+               method=mem["method"], grad_bytes=static["grad_bytes"],
+               activation_bytes=mem["peak_backward_bytes"] - static["grad_bytes"],
+               first_step_s=first_s, step_s=sum(times) / len(times) if times else None,
+               flops=flops.get_total_flops() / k,
                whisper_layer_flops=module_flops(flops, root, "lsm.whisper.layers.0") / k,
                whisper_layers=len(lsm.whisper.layers),
                beats_layer_flops=module_flops(flops, root, "lsm.beats.encoder.layers.0") / k if lsm.beats else 0,
@@ -479,15 +499,15 @@ def run(args):
         points.append((b, depths[0]))
     print(f"measuring on {device}: steps at LLM depths {depths} (encoders at {'1 layer' if enc else 'full depth'}), "
           f"batch sizes {sorted({B for B, _ in points})}, {args.steps} step(s) each")
-    decode_objective = None
     for B, d in points:
         m, objective = measure_step(args, device, dict(enc, llm=d), B)
         result["measured"].append(m)
         step_s = "-" if m["step_s"] is None else f"{m['step_s']:.2f}"
-        print(f"  train  L={d:<3} B={B}: S={m['seq_len']} peak {_gb(m['peak_bytes'])} GiB above the weights "
-              f"(activations {_gb(m['activation_bytes'])}, gradients + AdamW {_gb(m['grad_adam_bytes'])}; RSS growth "
-              f"{_gb(m['rss_growth_bytes'])}), {m['flops'] / 1e12:.2f} TFLOP per micro-batch, {step_s} s/step")
-        if B == 1:
+        print(f"  train  L={d:<3} B={B}: S={m['seq_len']}; above the weights and AdamW state: peak forward "
+              f"{_gb(m['peak_forward_bytes'])}, backward {_gb(m['peak_backward_bytes'])} GiB (activations "
+              f"{_gb(m['activation_bytes'])} + gradients {_gb(m['grad_bytes'])}; RSS growth "
+              f"{_gb(m['rss_growth_bytes'])}); {m['flops'] / 1e12:.2f} TFLOP per micro-batch, {step_s} s/step")
+        if B == 1 and not args.no_decode:
             result["decode"].append(measure_decode(args, objective.lsm, device))
             dm = result["decode"][-1]
             print(f"  decode L={d:<3} B={dm['batch']} x beam {dm['beams']}: prompt {dm['prompt_len']} + "
@@ -495,50 +515,64 @@ def run(args):
                   f"(KV cache {_gb(dm['kv_cache_bytes'])} computed), {dm['seconds']:.1f} s")
         del objective
 
-    # 3. the fit, and the prediction at full depth
+    # 3. the fits, and the predictions at full depth
     fit = fit_activations(result["measured"])
     one = [m for m in result["measured"] if m["batch"] == 1]
-    fa, fb = fit_linear([m["llm_layers"] for m in one], [m["flops"] for m in one])
-    m0 = one[0]
-    da, db = fit_linear([m["llm_layers"] for m in result["decode"]], [m["peak_bytes"] for m in result["decode"]])
-    result["fit"] = dict(activations=fit, flops_per_sample=dict(a=fa, b=fb), decode_peak=dict(a=da, b=db))
-    result["predicted"] = predict(args, result, tot, n_layers)
-    p = result["predicted"]
+    shallow = [m for m in result["measured"] if m["llm_layers"] == depths[0]]
+    result["fit"] = dict(
+        activations=fit,
+        forward_peak=dict(zip("ab", fit_linear([m["batch"] for m in shallow], [m["peak_forward_bytes"] for m in shallow]))),
+        flops_per_sample=dict(zip("ab", fit_linear([m["llm_layers"] for m in one], [m["flops"] / m["batch"] for m in one]))),
+        decode_peak=dict(zip("ab", fit_linear([m["llm_layers"] for m in result["decode"]],
+                                              [m["peak_bytes"] for m in result["decode"]]))) if result["decode"] else None)
+    result["predicted"] = p = predict(args, result, tot, n_layers)
+    S = one[0]["seq_len"]
+    print(f"activation fit A = w + B (u + v L): w {_gb(fit['w'])} GiB, u {_gb(fit['u'])} GiB, v {_gb(fit['v'])} GiB per "
+          f"layer and sample (S={S}: {fit['v'] / S / 2**10:.1f} KiB per token and layer)")
     if "held_out" in fit:
         h = fit["held_out"]
-        print(f"activation fit A = w + B (u + v L): w {_gb(fit['w'])} GiB, u {_gb(fit['u'])} GiB, v {_gb(fit['v'])} "
-              f"GiB per layer and sample (S={m0['seq_len']}: {fit['v'] / m0['seq_len'] / 2**10:.1f} KiB per token); "
-              f"held-out L={h['llm_layers']} B={h['batch']}: predicted {_gb(h['predicted'])}, measured "
+        print(f"  held-out L={h['llm_layers']} B={h['batch']}: predicted {_gb(h['predicted'])}, measured "
               f"{_gb(h['measured'])} GiB ({100 * h['rel_error']:+.1f}%)")
-    print(f"predicted at full depth ({n_layers} layers), per GPU: training {_gb(p['train_bytes'])} GiB "
-          f"(fits {p['train_fits_gb'] or 'none'} of {list(CARDS_GB)} GB), decoding {_gb(p['decode_bytes'])} GiB "
-          f"(fits {p['decode_fits_gb'] or 'none'}); {p['train_flops_per_sample'] / 1e12:.1f} TFLOP per training "
-          f"sample")
+    print(f"predicted per GPU at full depth ({n_layers} LLM layers; GiB; cards that fit at {USABLE:.0%} of "
+          f"{'/'.join(map(str, CARDS_GB))} GB):")
+    for B, row in p["by_batch"].items():
+        print(f"  batch {B}: training {_gb(row['train_bytes'])} (fits {row['train_fits_gb'] or 'none'})" +
+              (f", decoding beam {args.num_beams} {_gb(row['decode_bytes'])} (fits {row['decode_fits_gb'] or 'none'})"
+               if row.get("decode_bytes") else ""))
+    print(f"  {p['train_flops_per_sample'] / 1e12:.2f} TFLOP per training sample, "
+          f"{p['train_flops_per_sample'] * layout['global_batch'] / 1e15:.1f} PFLOP per step of global batch "
+          f"{layout['global_batch']}")
     print(json.dumps(result))
     return result
 
 
-def predict(args, result, tot, n_layers):
-    """Full-depth numbers from the measured points: memory = static bytes + A(B, L); FLOPs per sample =
-    measured + the missing encoder layers (forward only) + the missing LLM layers (the linear fit)."""
+def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
+    """Full-depth numbers per per-device batch B:
+      training = weights + AdamW + DDP buckets + max(gradients + A(B, L), forward peak(B))
+        (the backward starts with every saved activation alive; the forward peak is the encoders' transient,
+        fitted linearly in B at the shallowest depth)
+      decoding = weights + D(L) x B / decode batch (KV cache and logits are per sequence)
+      FLOPs per sample = the fit in L + the missing encoder layers (one layer's FLOPs each, forward only)."""
     fit = result["fit"]
-    a = fit["activations"]
-    B = result["layout"]["per_device_batch_size"]
-    act = a["w"] + B * (a["u"] + a["v"] * n_layers)
+    a, f = fit["activations"], fit["forward_peak"]
     weights = tot["frozen_bytes"] + tot["trainable_bytes"]
-    train_bytes = tot["static_bytes"] + act
     m = [x for x in result["measured"] if x["batch"] == 1][0]
-    fa, fb = fit["flops_per_sample"]["a"], fit["flops_per_sample"]["b"]
     full_enc = _encoder_depths(args)
     enc_extra = (m["whisper_layer_flops"] * (full_enc["whisper"] - m["whisper_layers"])
                  + m["beats_layer_flops"] * (full_enc["beats"] - m["beats_layers"]))
-    flops = fa + fb * n_layers + enc_extra
-    da, db = fit["decode_peak"]["a"], fit["decode_peak"]["b"]
-    dec = result["decode"][0] if result["decode"] else None
-    decode_bytes = weights + da + db * n_layers if dec else None
-    return dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=fits(train_bytes),
-                train_flops_per_sample=flops, decode_bytes=decode_bytes,
-                decode_fits_gb=fits(decode_bytes) if dec else None, weights_bytes=weights)
+    flops = fit["flops_per_sample"]["a"] + fit["flops_per_sample"]["b"] * n_layers + enc_extra
+    out = dict(weights_bytes=weights, train_flops_per_sample=flops, by_batch={})
+    for B in sorted({*batches, result["layout"]["per_device_batch_size"]}):
+        act = a["w"] + B * (a["u"] + a["v"] * n_layers)
+        train_bytes = (weights + tot["adam_bytes"] + tot["ddp_bytes"]
+                       + max(tot["grad_bytes"] + act, f["a"] + f["b"] * B))
+        row = dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=fits(train_bytes))
+        if fit["decode_peak"]:
+            d = fit["decode_peak"]
+            row["decode_bytes"] = weights + (d["a"] + d["b"] * n_layers) * B / args.decode_batch_size
+            row["decode_fits_gb"] = fits(row["decode_bytes"])
+        out["by_batch"][B] = row
+    return out
 
 
 def _encoder_depths(args):
