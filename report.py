@@ -39,8 +39,10 @@ top to bottom:
    random weights at the real widths built in memory from the configs. Memory: on a GPU the peak of
    torch.cuda.max_memory_allocated above the weights; on the CPU the peak of the bytes of every tensor alive
    (tracked through a TorchDispatchMode: what max_memory_allocated counts, without allocator rounding), and
-   the peak RSS growth of the process as a check. FLOPs per step: torch.utils.flop_counter (matrix products,
-   convolutions, attention), exactly linear in depth. Time: wall time of the steps after the first.
+   the peak RSS growth of the process as a check. Step 1 allocates the AdamW state, step 2 is measured (memory,
+   FLOPs: torch.utils.flop_counter, i.e. matrix products, convolutions, attention; exactly linear in depth),
+   steps 3.. are timed. On the CPU, random weights at one encoder layer and 1-4 LLM layers take ~30 s to build
+   and ~10-20 s per step, and a decode (8 clips x 4 beams x 200 tokens) several minutes: --no-decode skips it.
 
 The last line of stdout is one JSON object with every number (keys: JSON_KEYS).
 """
@@ -49,6 +51,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 import weakref
@@ -84,7 +87,8 @@ def parser():
     g.add_argument("--measure-layers", type=int, nargs="+", default=[1, 2, 4],
                    help="LLM depths of the measured steps (0 = full depth); the deepest is the held-out point")
     g.add_argument("--steps", type=int, default=3,
-                   help="optimiser steps per measurement: 1 warm-up (AdamW state), 1 measured, the rest timed")
+                   help="optimiser steps per measurement: 1 warm-up (AdamW state), 1 measured, the rest timed "
+                        "(at least 2 run)")
     g.add_argument("--no-decode", action="store_true", help="measure training steps only")
     g.add_argument("--num-beams", type=int, default=4, help="decoding: beam size (evaluate.py default)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="decoding: new tokens (all of them are generated)")
@@ -587,9 +591,20 @@ def _encoder_depths(args):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    for flag in ("steps", "processes", "num_beams", "max_new_tokens", "decode_batch_size", "target_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if any(d < 0 for d in args.measure_layers) or args.audio_seconds < 1:
+        p.error("--measure-layers must be >= 0 (0 = full depth) and --audio-seconds >= 1")
+    if args.real and any(f in (argv if argv is not None else sys.argv) for f in ("--whisper", "--beats", "--llm")):
+        p.error("--real replaces --whisper, --beats and --llm: give one or the other")
     return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, OSError) as e:  # a missing or wrong checkpoint: one line, no traceback
+        sys.exit(f"report.py: error: {e}")

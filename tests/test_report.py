@@ -267,3 +267,12 @@ def test_json_line_schema(tiny_ckpts, capsys):
     assert set(p["by_batch"]["4"]) == {"activation_bytes", "train_bytes", "train_fits_gb", "decode_bytes", "decode_fits_gb"}
     t = out["totals"]  # training = static + max(gradients + activations, forward peak) >= weights + AdamW + gradients
     assert p["by_batch"]["1"]["train_bytes"] >= t["frozen_bytes"] + t["trainable_bytes"] + t["adam_bytes"] + t["grad_bytes"]
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    import report
+    for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--measure-layers", "-1"], "--measure-layers"),
+                      (["--real", "qwen2-7b", "--llm", "x"], "--real replaces")):
+        with pytest.raises(SystemExit):
+            report.main(argv)
+        assert msg in capsys.readouterr().err
