@@ -31,8 +31,8 @@ top to bottom:
      * not with the depth of the frozen encoders (they run without gradient: one layer's tensors at a time).
    So  A(B, L) = w + B (u + v L), fitted by least squares to steps measured at the real widths with
    --measure-layers decoder layers (B = 1 and B = 2; the encoders at one layer), leaving out the deepest
-   B = 1 point, which the fit must predict (printed with its error). Decoding: D(L) = w' + v' L likewise, and
-   the KV cache is also computed exactly: 2 (K, V) x L x kv_heads x head_dim x bytes x B x beams x (S + new).
+   B = 1 point, which the fit must predict (printed with its error). Decoding: the encoders' peak, and the
+   generation's peak G(L) = w' + v' L likewise; the KV cache is also computed exactly: 2 (K, V) x L x kv_heads x head_dim x bytes x B x beams x (S + new).
 
 4. Measure, unless --no-measure: a few optimiser steps on the current device (train.train_step, the training
    loop's own step) and one decode (beam --num-beams, exactly --max-new-tokens new tokens, KV cache on), with
@@ -389,24 +389,26 @@ def measure_decode(args, lsm, device):
         # non-contiguous last-token slice (B*beams x d x V: 4.4 GB per token for Qwen2-7B with 4 beams); CUDA
         # does not, so the measurement makes that input contiguous to stand for the GPU run
         hook = lsm.causal_lm.get_output_embeddings().register_forward_pre_hook(lambda mod, a: (a[0].contiguous(),))
-    with peak_memory(device) as mem:
-        _sync(device)
-        t = time.perf_counter()
-        with evaluate.autocast(lsm):
-            inp = lsm.splice(lsm._speech_middles(*lsm.encode_speech(batch)), batch["instructions"], left_pad=True)
-            ids = lsm.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
-                                   max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                   num_beams=args.num_beams, do_sample=False, eos_token_id=lsm.eos_id,
-                                   pad_token_id=lsm.pad_id, use_cache=True)
-        _sync(device)
-        seconds = time.perf_counter() - t
+    _sync(device)
+    t = time.perf_counter()
+    with peak_memory(device) as enc, evaluate.autocast(lsm):  # the encoders' transient: per clip, not per layer
+        inp = lsm.splice(lsm._speech_middles(*lsm.encode_speech(batch)), batch["instructions"], left_pad=True)
+    with peak_memory(device) as gen, evaluate.autocast(lsm):  # KV cache (per layer) + logits and beam state
+        ids = lsm.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
+                               max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                               num_beams=args.num_beams, do_sample=False, eos_token_id=lsm.eos_id,
+                               pad_token_id=lsm.pad_id, use_cache=True)
+    _sync(device)
+    seconds = time.perf_counter() - t
     if hook is not None:
         hook.remove()
     prompt = inp["mask"].shape[1]
     kv = kv_cache_bytes(cfg, lsm.llm.get_input_embeddings().weight.element_size(), args.decode_batch_size,
                         args.num_beams, prompt + args.max_new_tokens)
     return dict(llm_layers=lsm.n_layers, batch=args.decode_batch_size, beams=args.num_beams, prompt_len=prompt,
-                new_tokens=int(ids.shape[1]), peak_bytes=mem["peak_bytes"], rss_growth_bytes=mem.get("rss_growth_bytes"),
+                new_tokens=int(ids.shape[1]), peak_bytes=max(enc["peak_bytes"], gen["peak_bytes"]),
+                peak_encode_bytes=enc["peak_bytes"], peak_generate_bytes=gen["peak_bytes"],
+                rss_growth_bytes=max(enc.get("rss_growth_bytes") or 0, gen.get("rss_growth_bytes") or 0),
                 kv_cache_bytes=kv, seconds=seconds)
 
 
@@ -527,8 +529,9 @@ def run(args):
         activations=fit,
         forward_peak=dict(zip("ab", fit_linear([m["batch"] for m in shallow], [m["peak_forward_bytes"] for m in shallow]))),
         flops_per_sample=dict(zip("ab", fit_linear([m["llm_layers"] for m in one], [m["flops"] / m["batch"] for m in one]))),
-        decode_peak=dict(zip("ab", fit_linear([m["llm_layers"] for m in result["decode"]],
-                                              [m["peak_bytes"] for m in result["decode"]]))) if result["decode"] else None)
+        decode_generate_peak=dict(zip("ab", fit_linear([m["llm_layers"] for m in result["decode"]],
+                                                       [m["peak_generate_bytes"] for m in result["decode"]])))
+        if result["decode"] else None)
     result["predicted"] = p = predict(args, result, tot, n_layers)
     S = one[0]["seq_len"]
     print(f"activation fit A = w + B (u + v L): w {_gb(fit['w'])} GiB, u {_gb(fit['u'])} GiB, v {_gb(fit['v'])} GiB per "
@@ -555,7 +558,8 @@ def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
       training = weights + AdamW + DDP buckets + max(gradients + A(B, L), forward peak(B))
         (the backward starts with every saved activation alive; the forward peak is the encoders' transient,
         fitted linearly in B at the shallowest depth)
-      decoding = weights + D(L) x B / decode batch (KV cache and logits are per sequence)
+      decoding = weights + max(encoder peak, generate peak G(L)) x B / decode batch (the encoders' transient,
+        the KV cache and the logits are all per sequence; G is fitted linearly in L)
       FLOPs per sample = the fit in L + the missing encoder layers (one layer's FLOPs each, forward only)."""
     fit = result["fit"]
     a, f = fit["activations"], fit["forward_peak"]
@@ -571,9 +575,9 @@ def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
         train_bytes = (weights + tot["adam_bytes"] + tot["ddp_bytes"]
                        + max(tot["grad_bytes"] + act, f["a"] + f["b"] * B))
         row = dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=fits(train_bytes))
-        if fit["decode_peak"]:
-            d = fit["decode_peak"]
-            row["decode_bytes"] = weights + (d["a"] + d["b"] * n_layers) * B / args.decode_batch_size
+        if fit["decode_generate_peak"]:
+            d, enc = fit["decode_generate_peak"], result["decode"][0]["peak_encode_bytes"]
+            row["decode_bytes"] = weights + max(enc, d["a"] + d["b"] * n_layers) * B / args.decode_batch_size
             row["decode_fits_gb"] = fits(row["decode_bytes"])
         out["by_batch"][B] = row
     return out

@@ -259,6 +259,9 @@ def test_json_line_schema(tiny_ckpts, capsys):
     assert one[0]["flops"] < one[1]["flops"] < one[2]["flops"]  # one more LLM layer each
     assert out["fit"]["activations"]["held_out"]["llm_layers"] == 3
     assert [d["new_tokens"] for d in out["decode"]] == [4, 4, 4]  # exactly --max-new-tokens
+    # the generation holds at least the KV cache, which grows with the depth
+    assert all(d["peak_generate_bytes"] >= d["kv_cache_bytes"] for d in out["decode"])
+    assert out["decode"][0]["peak_generate_bytes"] < out["decode"][2]["peak_generate_bytes"]
     # K and V x layers x 2 kv heads of 16 x 2 bytes (bf16 LLM) x 2 clips x 2 beams x (prompt + 4 new tokens)
     assert all(d["kv_cache_bytes"] == 2 * d["llm_layers"] * 2 * 16 * 2 * 2 * 2 * (d["prompt_len"] + 4)
                for d in out["decode"])
