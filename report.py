@@ -466,13 +466,15 @@ def print_parts(parts, tot):
         print(f"{name:<9}{r['params']:>16,}{r['trainable']:>14,}" + "".join(f"{_gb(r[c]):>11}" for c in cols[2:]))
 
 
-def run(args):
+def run(args, tmp):
+    """The report for parsed flags; `tmp`: a folder for the config-only checkpoints of --real."""
     if args.real:
-        tmp = tempfile.mkdtemp(prefix="report_")
         args.__dict__.update(real_config_folder(args.real, tmp))
         args.no_beats = False
+        names = dict(whisper="whisper-large-v2", beats="beats-cpt2", llm=args.real, real=args.real)
+    else:
+        names = dict(whisper=args.whisper, beats=None if args.no_beats else args.beats, llm=args.llm, real=None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names = dict(whisper=args.whisper, beats=None if args.no_beats else args.beats, llm=args.llm, real=args.real)
     b, k = args.per_device_batch_size or 1, args.grad_accum or 1
     layout = dict(per_device_batch_size=b, grad_accum=k, processes=args.processes, global_batch=b * k * args.processes,
                   gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, llm_dtype=args.llm_dtype,
@@ -604,7 +606,8 @@ def main(argv=None):
         p.error("--measure-layers must be >= 0 (0 = full depth) and --audio-seconds >= 1")
     if args.real and any(f in (argv if argv is not None else sys.argv) for f in ("--whisper", "--beats", "--llm")):
         p.error("--real replaces --whisper, --beats and --llm: give one or the other")
-    return run(args)
+    with tempfile.TemporaryDirectory(prefix="report_") as tmp:
+        return run(args, tmp)
 
 
 if __name__ == "__main__":

@@ -181,21 +181,16 @@ def test_ctc_head_and_llama_parts(tiny_ckpts):
     assert parts["lora"]["params"] == 3 * 8 * ((64 + 64) + (64 + 32))  # tiny Llama: 4 heads, 2 kv heads
 
 
-def test_real_lsm_trainable_totals():
+def test_real_lsm_trainable_totals(tmp_path):
     """The paper's trainable counts (28.1M / 33.3M), counted by the model's own construction on the meta device."""
     import report
     for name, total in (("qwen2-7b", 28_121_344), ("vicuna-13b", 33_332_992)):
         args = report.parser().parse_args(["--real", name])
-        args.__dict__.update(report.real_config_folder(name, tempfile_dir()))
+        args.__dict__.update(report.real_config_folder(name, tmp_path / name))
         parts = report.count(report.build(args, "meta"))
         assert sum(r["trainable"] for r in parts.values()) == total
         assert parts["llm"]["params"] == {"qwen2-7b": 7_615_616_512, "vicuna-13b": 13_015_864_320}[name]
         assert parts["whisper"]["params"] == 636_784_640
-
-
-def tempfile_dir():
-    import tempfile
-    return tempfile.mkdtemp(prefix="test_report_")
 
 
 def test_live_tensors_peak_is_exact():
