@@ -1,6 +1,7 @@
 """Tests for the real-width configs and writers of tiny.py, and for report.py's arithmetic and JSON line."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -113,3 +114,163 @@ def test_real_checkpoints_are_seeded(tmp_path, small_real_configs):
     sa, sb, sc = (load_file(f"{p['llm']}/model.safetensors") for p in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["model.embed_tokens.weight"], sc["model.embed_tokens.weight"])
+
+
+# ----------------------------------------------------------------------------- report.py on the tiny models
+
+
+def report_args(ckpts, *extra):
+    import report
+    from conftest import TINY_QFORMER
+    q = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_QFORMER.items()]
+    return report.parser().parse_args(["--whisper", ckpts["whisper"], "--beats", ckpts["beats"], "--llm", ckpts["llm"],
+                                       *q, *extra])
+
+
+def qformer_params(h, enc, ffn, layers):
+    """Blip2QFormerModel with cross-attention in every layer, text FFN removed, + the learned query, by hand:
+    query LayerNorm; per layer self-attention (q, k, v, out + LN), cross-attention (q, out from h; k, v from
+    the encoder width; + LN), query FFN (h -> ffn -> h + LN)."""
+    lin = lambda i, o: i * o + o
+    layer = 4 * lin(h, h) + 2 * h + 2 * lin(h, h) + 2 * lin(enc, h) + 2 * h + lin(h, ffn) + lin(ffn, h) + 2 * h
+    return 2 * h + layers * layer + h
+
+
+def test_qformer_hand_count_matches_salmonn():
+    assert qformer_params(768, 2048, 3072, 2) == 22_838_016  # SALMONN's Q-Former (DESIGN.md section 7)
+
+
+@pytest.mark.parametrize("llm_dtype, llm_bytes", [("bfloat16", 2), ("float32", 4)])
+def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
+    import report
+    from transformers import AutoConfig, AutoTokenizer
+    ck = tiny_ckpts["qwen2"]
+    args = report_args(ck, "--llm-dtype", llm_dtype)
+    parts = report.count(report.build(args, "meta"), processes=1)
+    V, d, f, L, kv = len(AutoTokenizer.from_pretrained(ck["llm"])), 64, 128, 3, 32  # tiny.TINY_LLM
+    lin = lambda i, o, bias=True: i * o + (o if bias else 0)
+    layer = lin(d, d) + 2 * lin(d, kv) + lin(d, d, False) + 3 * lin(d, f, False) + 2 * d  # Qwen2: q, k, v biases
+    assert parts["llm"]["params"] == 2 * V * d + L * layer + d and parts["llm"]["trainable"] == 0
+    assert parts["lora"]["params"] == parts["lora"]["trainable"] == L * 8 * ((d + d) + (d + kv))  # r (in + out)
+    w = AutoConfig.from_pretrained(ck["whisper"])  # tiny.TINY_WHISPER: d 64, FFN 128, 2 layers, 80 mels
+    wl = lin(64, 64) + lin(64, 64, False) + 2 * lin(64, 64) + 2 * 64 + lin(64, 128) + lin(128, 64) + 2 * 64
+    assert parts["whisper"]["params"] == 80 * 64 * 3 + 64 + 64 * 64 * 3 + 64 + 1500 * 64 + w.encoder_layers * wl + 2 * 64
+    assert parts["qformer"]["params"] == qformer_params(32, 64 + 32, 64, 2)  # conftest.TINY_QFORMER, Whisper + BEATs
+    assert parts["proj"]["params"] == lin(32, d) and parts["ln"]["params"] == 2 * 64 + 2 * 32
+    for name, r in parts.items():
+        per = llm_bytes if name == "llm" else 4  # encoders and everything trainable are float32
+        assert r["frozen_bytes"] == (r["params"] - r["trainable"]) * per
+        assert r["trainable_bytes"] == r["grad_bytes"] == 4 * r["trainable"]
+        assert r["adam_bytes"] == 2 * 4 * r["trainable"]  # exp_avg + exp_avg_sq, fp32
+        assert r["ddp_bytes"] == 0  # one process: no DDP buckets
+    tot = report.totals(parts)
+    assert tot["trainable"] == sum(r["trainable"] for r in parts.values())
+    assert tot["static_bytes"] == tot["frozen_bytes"] + 4 * tot["trainable"] * (1 + 1 + 2)
+    with_ddp = report.count(report.build(args, "meta"), processes=8)
+    assert all(r["ddp_bytes"] == r["grad_bytes"] for r in with_ddp.values())
+
+
+def test_ctc_head_and_llama_parts(tiny_ckpts):
+    import report
+    from transformers import AutoTokenizer
+    ck = tiny_ckpts["llama"]
+    parts = report.count(report.build(report_args(ck, "--align", "ctc", "--no-beats"), "meta"))
+    V = len(AutoTokenizer.from_pretrained(ck["llm"]))
+    assert parts["ctc_head"]["params"] == parts["ctc_head"]["trainable"] == 64 * (V + 1) + (V + 1)  # + blank
+    assert "beats" not in parts and parts["qformer"]["params"] == qformer_params(32, 64, 64, 2)
+    assert parts["lora"]["params"] == 3 * 8 * ((64 + 64) + (64 + 32))  # tiny Llama: 4 heads, 2 kv heads
+
+
+def test_real_lsm_trainable_totals(tmp_path):
+    """The paper's trainable counts (28.1M / 33.3M), counted by the model's own construction on the meta device."""
+    import report
+    for name, total in (("qwen2-7b", 28_121_344), ("vicuna-13b", 33_332_992)):
+        args = report.parser().parse_args(["--real", name])
+        args.__dict__.update(report.real_config_folder(name, tmp_path / name))
+        parts = report.count(report.build(args, "meta"))
+        assert sum(r["trainable"] for r in parts.values()) == total
+        assert parts["llm"]["params"] == {"qwen2-7b": 7_615_616_512, "vicuna-13b": 13_015_864_320}[name]
+        assert parts["whisper"]["params"] == 636_784_640
+
+
+def test_live_tensors_peak_is_exact():
+    import report
+    with report.LiveTensors() as live:
+        a = torch.ones(1000)  # 4000 bytes
+        b = torch.ones(500, dtype=torch.float64)  # 4000
+        del a
+        c = torch.ones(250, dtype=torch.bfloat16)  # 500
+        v = b[10:20]  # a view: no new storage
+    assert live.peak == 8000 and live.now == 4500
+    w = torch.ones(300, 200)  # made before: its views and in-place updates are no new memory
+    with report.LiveTensors() as live:
+        w.t().mul_(2)
+        w.view(-1)[:10].add_(1)
+        x = w.t() @ torch.ones(300, 5)  # 200 x 5 result (+ the 300 x 5 operand)
+    assert live.peak == 4 * (300 * 5 + 200 * 5) and live.now == 4 * 200 * 5
+    del b, c, v, x
+
+
+def test_activation_fit_recovers_and_predicts():
+    import report
+    w, u, v = 3e8, 2e8, 5e7
+    pts = [dict(batch=B, llm_layers=L, activation_bytes=w + B * (u + v * L)) for B, L in ((1, 1), (1, 2), (2, 1), (1, 4))]
+    fit = report.fit_activations(pts)
+    assert fit["w"] == pytest.approx(w, rel=1e-9) and fit["v"] == pytest.approx(v, rel=1e-9)
+    assert fit["held_out"]["llm_layers"] == 4 and abs(fit["held_out"]["rel_error"]) < 1e-9
+    assert report.fit_linear([1, 2, 4], [5.0, 7.0, 11.0]) == pytest.approx((3.0, 2.0))
+    assert report.fits(30 * report.GiB) == [40, 80, 141] and report.fits(200 * report.GiB) == []
+
+
+def test_kv_cache_by_hand():
+    import report
+    cfg = tiny.real_llm_config("qwen2-7b")  # 28 layers, 4 kv heads of 128
+    assert report.kv_cache_bytes(cfg, 2, batch=8, beams=4, tokens=300) == 2 * 28 * 4 * 128 * 2 * 32 * 300
+    cfg = tiny.real_llm_config("vicuna-13b")  # no GQA: 40 kv heads
+    assert report.kv_cache_bytes(cfg, 2, 1, 1, 1) == 2 * 40 * 40 * 128 * 2
+
+
+def test_json_line_schema(tiny_ckpts, capsys):
+    """Counts only, then a measured run on the tiny model: the last stdout line is the JSON with every number."""
+    import report
+    ck = tiny_ckpts["qwen2"]
+    base = ["--whisper", ck["whisper"], "--beats", ck["beats"], "--llm", ck["llm"], "--qformer-hidden", "32",
+            "--qformer-heads", "2", "--qformer-ffn", "64"]
+    report.main(base + ["--no-measure"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tuple(out) == report.JSON_KEYS and out["measured"] == [] and out["fit"] is None
+    assert out["totals"]["trainable"] == sum(r["trainable"] for r in out["parts"].values())
+    report.main(base + ["--align", "ot", "--layers", "0", "1", "--measure-layers", "1", "2", "3", "--audio-seconds", "2",
+                        "--target-tokens", "5", "--max-new-tokens", "4", "--num-beams", "2", "--decode-batch-size", "2",
+                        "--per-device-batch-size", "1", "--dtype", "float32"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tuple(out) == report.JSON_KEYS
+    assert [(m["batch"], m["llm_layers"]) for m in out["measured"]] == [(1, 1), (1, 2), (1, 3), (2, 1)]
+    for m in out["measured"]:
+        assert m["peak_bytes"] > 0 and m["flops"] > 0 and m["step_s"] > 0 and math.isfinite(m["loss"])
+        assert m["peak_bytes"] == max(m["peak_forward_bytes"], m["peak_backward_bytes"])
+        assert m["activation_bytes"] == m["peak_backward_bytes"] - m["grad_bytes"] > 0
+    one = [m for m in out["measured"] if m["batch"] == 1]
+    assert one[0]["flops"] < one[1]["flops"] < one[2]["flops"]  # one more LLM layer each
+    assert out["fit"]["activations"]["held_out"]["llm_layers"] == 3
+    assert [d["new_tokens"] for d in out["decode"]] == [4, 4, 4]  # exactly --max-new-tokens
+    # the generation holds at least the KV cache, which grows with the depth
+    assert all(d["peak_generate_bytes"] >= d["kv_cache_bytes"] for d in out["decode"])
+    assert out["decode"][0]["peak_generate_bytes"] < out["decode"][2]["peak_generate_bytes"]
+    # K and V x layers x 2 kv heads of 16 x 2 bytes (bf16 LLM) x 2 clips x 2 beams x (prompt + 4 new tokens)
+    assert all(d["kv_cache_bytes"] == 2 * d["llm_layers"] * 2 * 16 * 2 * 2 * 2 * (d["prompt_len"] + 4)
+               for d in out["decode"])
+    p = out["predicted"]
+    assert set(p) == {"weights_bytes", "train_flops_per_sample", "by_batch"} and list(p["by_batch"]) == ["1", "2", "4", "8"]
+    assert set(p["by_batch"]["4"]) == {"activation_bytes", "train_bytes", "train_fits_gb", "decode_bytes", "decode_fits_gb"}
+    t = out["totals"]  # training = static + max(gradients + activations, forward peak) >= weights + AdamW + gradients
+    assert p["by_batch"]["1"]["train_bytes"] >= t["frozen_bytes"] + t["trainable_bytes"] + t["adam_bytes"] + t["grad_bytes"]
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    import report
+    for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--measure-layers", "-1"], "--measure-layers"),
+                      (["--real", "qwen2-7b", "--llm", "x"], "--real replaces")):
+        with pytest.raises(SystemExit):
+            report.main(argv)
+        assert msg in capsys.readouterr().err
