@@ -534,7 +534,8 @@ class LSM(nn.Module):
                             f"{str(e).strip()[:200]})") from None
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args, **kwargs):
+        """The model of the command-line flags (add_model_args); kwargs: other constructor arguments (device, verbose)."""
         check_backbones(args.whisper, args.llm)
         return cls(whisper=args.whisper, llm=args.llm, beats=None if args.no_beats else args.beats,
                    lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -542,7 +543,7 @@ class LSM(nn.Module):
                    llm_dtype=args.llm_dtype, second_per_window=args.second_per_window,
                    qformer_layers=args.qformer_layers, qformer_hidden=args.qformer_hidden,
                    qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn,
-                   beats_unsafe_load=args.beats_unsafe_load)
+                   beats_unsafe_load=args.beats_unsafe_load, **kwargs)
 
 
 def check_backbones(whisper, llm):

@@ -17,7 +17,8 @@ top to bottom:
 2. Bytes, per part (whisper, beats, ln, qformer, proj, lora, llm, ctc_head), in each parameter's dtype:
      frozen weights, trainable weights, gradients (= trainable parameters, same dtype),
      AdamW state = exp_avg + exp_avg_sq: 2 tensors of the parameter's dtype (fp32) per trainable parameter,
-     DDP gradient buckets (one more copy of the gradients) when --processes > 1.
+     the gradient all-reduce buffer when --processes > 1: train.sync_gradients flattens at most
+     train.GRAD_BUCKET = 2^25 values at a time, so min(gradients, 128 MiB) (a total, not per part).
    These are exact and device-independent.
 
 3. Activation model. What a step needs on top of the weights, gradients and AdamW state -- the tensors saved
@@ -80,7 +81,7 @@ def parser():
     g.add_argument("--align", default="none", choices=["none", "ot", "ctc", "cl"],
                    help="none: stage 1 (and stage 3 base); ot / ctc / cl: stage 3 as joint_train.py")
     g.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="layers of --align ot (paper, Qwen2: 0 1)")
-    g.add_argument("--processes", type=int, default=8, help="processes (GPUs) of the planned run: DDP buckets, time")
+    g.add_argument("--processes", type=int, default=8, help="processes (GPUs) of the planned run: all-reduce buffer, time")
     g.add_argument("--audio-seconds", type=float, default=30.0, help="clip length of the measured batches (30 = max)")
     g.add_argument("--target-tokens", type=int, default=64, help="target (and transcript) tokens per sample")
     g.add_argument("--no-measure", action="store_true", help="counts and bytes only (no step is run)")
@@ -131,7 +132,10 @@ def backbones_from_configs(device, layers=None):
             config = transformers.AutoConfig.from_pretrained(path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         with torch.device(device):
-            return cls._from_config(_with_depth(config, layers), **({"dtype": dtype} if dtype else {}))
+            model = cls._from_config(_with_depth(config, layers), **({"dtype": dtype} if dtype else {}))
+        if kwargs.get("output_loading_info"):  # model._WhisperEncoderOnly checks that no weight was missing
+            return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
+        return model
 
     def load_beats(path, *args, **kwargs):
         if not os.path.isfile(path):
@@ -167,7 +171,7 @@ def build(args, device, layers=None):
     with backbones_from_configs(device, layers), torch.device(device):
         torch.manual_seed(args.seed)
         with contextlib.redirect_stdout(io.StringIO()):  # LSM's summary line, once per build
-            lsm = M.LSM.from_args(args)
+            lsm = M.LSM.from_args(args, device=device)
         if args.align == "none":
             return train.Objective(lsm)
         layers_ot = [l for l in args.layers if l <= lsm.n_layers]  # a shallow measured model has fewer layers
@@ -185,11 +189,12 @@ def part_of(name):
 
 
 def count(objective, processes=1):
-    """-> {part: dict(params, trainable, frozen_bytes, trainable_bytes, grad_bytes, adam_bytes, ddp_bytes)}."""
+    """-> {part: dict(params, trainable, frozen_bytes, trainable_bytes, grad_bytes, adam_bytes)}; the all-reduce
+    buffer of `processes` > 1 is a total (totals)."""
     parts = {}
     for name, p in objective.named_parameters():
         row = parts.setdefault(part_of(name), dict.fromkeys(
-            ("params", "trainable", "frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "ddp_bytes"), 0))
+            ("params", "trainable", "frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes"), 0))
         n, size = p.numel(), p.element_size()
         row["params"] += n
         if p.requires_grad:
@@ -197,15 +202,17 @@ def count(objective, processes=1):
             row["trainable_bytes"] += n * size
             row["grad_bytes"] += n * size  # .grad has the parameter's dtype
             row["adam_bytes"] += 2 * n * size  # exp_avg, exp_avg_sq (torch.optim.AdamW: zeros_like(param))
-            row["ddp_bytes"] += n * size if processes > 1 else 0  # DDP copies gradients into its buckets
         else:
             row["frozen_bytes"] += n * size
     return {k: parts[k] for k in PARTS if k in parts}
 
 
-def totals(parts):
+def totals(parts, processes=1):
+    """Sums over the parts, plus sync_bytes (the gradient all-reduce's flat buffer, train.sync_gradients: at most
+    train.GRAD_BUCKET fp32 values at once, none for one process) and static_bytes (everything but activations)."""
     t = {k: sum(r[k] for r in parts.values()) for k in next(iter(parts.values()))}
-    t["static_bytes"] = sum(t[k] for k in ("frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "ddp_bytes"))
+    t["sync_bytes"] = min(t["grad_bytes"], 4 * train.GRAD_BUCKET) if processes > 1 else 0
+    t["static_bytes"] = sum(t[k] for k in ("frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "sync_bytes"))
     return t
 
 
@@ -327,7 +334,7 @@ def measure_step(args, device, layers, batch_size):
     opt, _ = train.build_optimizer(objective, args)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     k = args.grad_accum or 1
-    micro = [(batch, 1.0)] * k
+    micro = [batch] * k  # train.train_step takes the micro-batches of one step
     root = type(objective).__name__
     _sync(device)
     t = time.perf_counter()
@@ -459,11 +466,11 @@ def _gb(x):
 
 
 def print_parts(parts, tot):
-    cols = ("params", "trainable", "frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "ddp_bytes")
+    cols = ("params", "trainable", "frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "sync_bytes")
     print(f"{'part':<9}{'params':>16}{'trainable':>14}" + "".join(f"{c.replace('_bytes', ''):>11}" for c in cols[2:])
           + "   (bytes in GiB)")
     for name, r in list(parts.items()) + [("total", tot)]:
-        print(f"{name:<9}{r['params']:>16,}{r['trainable']:>14,}" + "".join(f"{_gb(r[c]):>11}" for c in cols[2:]))
+        print(f"{name:<9}{r['params']:>16,}{r['trainable']:>14,}" + "".join(f"{_gb(r.get(c)):>11}" for c in cols[2:]))
 
 
 def run(args, tmp):
@@ -484,15 +491,15 @@ def run(args, tmp):
 
     # 1-2. count and bytes at full depth on the meta device
     full = build(args, "meta")
-    parts = count(full, args.processes)
-    tot = totals(parts)
+    parts = count(full)
+    tot = totals(parts, args.processes)
     n_layers = full.lsm.n_layers
     print(f"report: {args.real or args.llm} ({n_layers} LLM layers), {'Whisper + BEATs' if names['beats'] else 'Whisper'}"
           f", --align {args.align}; per device: batch {b} x {k} accumulation, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, autocast {args.dtype}, LLM {args.llm_dtype}; "
           f"{args.processes} processes")
     print_parts(parts, tot)
-    print(f"static per GPU (weights + gradients + AdamW + DDP buckets): {_gb(tot['static_bytes'])} GiB (computed)")
+    print(f"static per GPU (weights + gradients + AdamW + all-reduce buffer): {_gb(tot['static_bytes'])} GiB (computed)")
     result = dict(model=names, layout=layout, parts=parts, totals=tot, measured=[], fit=None, decode=[], predicted={})
     del full
     if args.no_measure:
@@ -557,7 +564,7 @@ def run(args, tmp):
 
 def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
     """Full-depth numbers per per-device batch B:
-      training = weights + AdamW + DDP buckets + max(gradients + A(B, L), forward peak(B))
+      training = weights + AdamW + all-reduce buffer + max(gradients + A(B, L), forward peak(B))
         (the backward starts with every saved activation alive; the forward peak is the encoders' transient,
         fitted linearly in B at the shallowest depth)
       decoding = weights + max(encoder peak, generate peak G(L)) x B / decode batch (the encoders' transient,
@@ -574,7 +581,7 @@ def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
     out = dict(weights_bytes=weights, train_flops_per_sample=flops, by_batch={})
     for B in sorted({*batches, result["layout"]["per_device_batch_size"]}):
         act = a["w"] + B * (a["u"] + a["v"] * n_layers)
-        train_bytes = (weights + tot["adam_bytes"] + tot["ddp_bytes"]
+        train_bytes = (weights + tot["adam_bytes"] + tot["sync_bytes"]
                        + max(tot["grad_bytes"] + act, f["a"] + f["b"] * B))
         row = dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=fits(train_bytes))
         if fit["decode_generate_peak"]:

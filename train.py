@@ -500,7 +500,10 @@ def all_gather_objects(obj, world):
     return out
 
 
-def sync_gradients(params, world, n, bucket_elements=1 << 25):
+GRAD_BUCKET = 1 << 25  # values per gradient all-reduce: the flat copy is at most 128 MiB of fp32 at any time
+
+
+def sync_gradients(params, world, n, bucket_elements=GRAD_BUCKET):
     """Gradient of the step = (sum over ranks of this rank's summed micro-batch gradients) / n, with n the number of
     non-empty micro-batches of the whole step. One all-reduce per bucket of <= bucket_elements values (per dtype);
     a parameter without a gradient on this rank (no micro-batch here had readable audio) contributes zeros."""

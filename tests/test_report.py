@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny
+import train
 
 
 def n_params(module):
@@ -162,12 +163,14 @@ def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
         assert r["frozen_bytes"] == (r["params"] - r["trainable"]) * per
         assert r["trainable_bytes"] == r["grad_bytes"] == 4 * r["trainable"]
         assert r["adam_bytes"] == 2 * 4 * r["trainable"]  # exp_avg + exp_avg_sq, fp32
-        assert r["ddp_bytes"] == 0  # one process: no DDP buckets
     tot = report.totals(parts)
     assert tot["trainable"] == sum(r["trainable"] for r in parts.values())
     assert tot["static_bytes"] == tot["frozen_bytes"] + 4 * tot["trainable"] * (1 + 1 + 2)
-    with_ddp = report.count(report.build(args, "meta"), processes=8)
-    assert all(r["ddp_bytes"] == r["grad_bytes"] for r in with_ddp.values())
+    assert tot["sync_bytes"] == 0  # one process: no all-reduce
+    eight = report.totals(parts, processes=8)  # tiny model: the whole gradient fits one 2^25-value bucket
+    assert eight["sync_bytes"] == tot["grad_bytes"] and eight["static_bytes"] == tot["static_bytes"] + tot["grad_bytes"]
+    big = dict(parts, llm=dict(parts["llm"], grad_bytes=10 * 4 * train.GRAD_BUCKET))  # a CTC-sized gradient
+    assert report.totals(big, processes=8)["sync_bytes"] == 4 * (1 << 25)  # capped at one bucket: 128 MiB
 
 
 def test_ctc_head_and_llama_parts(tiny_ckpts):
