@@ -442,19 +442,24 @@ class LSM(nn.Module):
             else:
                 raise ValueError(f"generate: mode must be 'st' or 'mt', got {mode!r}")
             inp = self.splice(middles, batch["instructions"], left_pad=True)
-            # HF's prefill feeds the LM head the slice hidden[:, -1:]; on that stride torch 2.13's CPU bf16 linear
-            # takes a slow path (Qwen2's 152064 x 3584 head: 18 s and a 2 GB transient, 0.15 s on a packed copy)
-            head = self.causal_lm.get_output_embeddings()
-            hook = head.register_forward_pre_hook(
-                lambda mod, args: (args[0].clone(memory_format=torch.contiguous_format), *args[1:]))
-            try:
+            with self.packed_lm_head():
                 # every decoding option explicit, so none comes from the checkpoint's generation_config (e.g. sampling)
                 return self.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                                          max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                          repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
                                          eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
-            finally:
-                hook.remove()
+
+    @contextlib.contextmanager
+    def packed_lm_head(self):
+        """Inside, the LM head gets a packed copy of its input. HF's generation feeds it the slice hidden[:, -1:]; on
+        that stride torch 2.13's CPU bf16 linear takes a slow path (Qwen2's 152064 x 3584 head: 18 s and a 2 GB
+        transient per call, 0.15 s on a packed copy; with beams it copies the whole head once per token)."""
+        hook = self.causal_lm.get_output_embeddings().register_forward_pre_hook(
+            lambda mod, args: (args[0].clone(memory_format=torch.contiguous_format), *args[1:]))
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def generate(self, batch, mode="st", num_beams=4, max_new_tokens=200):
         """-> list of B decoded strings (special tokens skipped, stripped). See generate_ids."""

@@ -391,24 +391,18 @@ def measure_decode(args, lsm, device):
     lsm.eval()
     batch = make_batch(lsm, args.decode_batch_size, args.audio_seconds, args.target_tokens)
     cfg = lsm.causal_lm.config
-    hook = None
-    if device.type == "cpu":  # torch's CPU bf16 matmul copies the LM head once per sequence when its input is the
-        # non-contiguous last-token slice (B*beams x d x V: 4.4 GB per token for Qwen2-7B with 4 beams); CUDA
-        # does not, so the measurement makes that input contiguous to stand for the GPU run
-        hook = lsm.causal_lm.get_output_embeddings().register_forward_pre_hook(lambda mod, a: (a[0].contiguous(),))
     _sync(device)
     t = time.perf_counter()
     with peak_memory(device) as enc, evaluate.autocast(lsm):  # the encoders' transient: per clip, not per layer
         inp = lsm.splice(lsm._speech_middles(*lsm.encode_speech(batch)), batch["instructions"], left_pad=True)
-    with peak_memory(device) as gen, evaluate.autocast(lsm):  # KV cache (per layer) + logits and beam state
+    # KV cache (per layer) + logits and beam state; the packed LM-head input is what a GPU run's kernels see
+    with peak_memory(device) as gen, evaluate.autocast(lsm), lsm.packed_lm_head():
         ids = lsm.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, do_sample=False, eos_token_id=lsm.eos_id,
                                pad_token_id=lsm.pad_id, use_cache=True)
     _sync(device)
     seconds = time.perf_counter() - t
-    if hook is not None:
-        hook.remove()
     prompt = inp["mask"].shape[1]
     kv = kv_cache_bytes(cfg, lsm.llm.get_input_embeddings().weight.element_size(), args.decode_batch_size,
                         args.num_beams, prompt + args.max_new_tokens)
