@@ -163,8 +163,9 @@ def collect_states(lsm, loader, layers, autocast, positions="real"):
 # ----------------------------------------------------------------------------- output
 
 
-def plot(mrr, threshold, path, title):
-    """MRR per layer with the threshold, like the paper's Figure 4. Returns False if matplotlib is missing."""
+def plot(mrr, threshold, path, title, chance=None):
+    """MRR per layer with the threshold, like the paper's Figure 4, and the chance level (mean, sd) of random
+    rankings if given (the level below which a layer's MRR says nothing). Returns False if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -177,6 +178,8 @@ def plot(mrr, threshold, path, title):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(layers, [mrr[l] for l in layers], marker="o", label="MRR")
     ax.axhline(threshold, color="gray", linestyle="--", label=f"threshold {threshold}")
+    if chance is not None:
+        ax.axhline(chance[0], color="tab:red", linestyle=":", label=f"chance level {chance[0]:.3f} (random ranks)")
     ax.set(xlabel="layer (0 = embeddings)", ylabel="MRR", title=title, ylim=(0, max(1.0, max(mrr.values()))))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
@@ -288,7 +291,7 @@ def main(argv=None):
     train.atomic(os.path.join(args.output_dir, "layers.json"),
                  lambda path: train.write_text(path, json.dumps(result, indent=1)))
     plot(mrr, args.threshold, os.path.join(args.output_dir, "mrr_per_layer.png"),
-         f"speech-to-text retrieval, {n} pairs ({llm_name})")
+         f"speech-to-text retrieval, {n} pairs ({llm_name})", chance)
     print(table(mrr, selected, chance))
     print(f"selected layers (MRR > {args.threshold}): {selected} -> {os.path.join(args.output_dir, 'layers.json')}")
     print(f"data: {read['counts']['bad_audio']} unreadable clip(s) skipped, {read['counts']['truncated']} clip(s) cut "
