@@ -18,8 +18,8 @@ Hidden states (the paper's layers): layer 0 is the LLM's input embedding (for sp
 the speech positions; for text: the transcript's token embeddings), layer l >= 1 the output of decoder layer l,
 the last one after the final norm (as HF's `output_hidden_states`).
 
-Not a framework: `LSM` is one nn.Module; `forward` is `speech_forward` so DistributedDataParallel can wrap it
-(call `ddp(batch, layers)`; `ddp.module.text_forward(...)` needs no DDP since it has no gradient).
+Not a framework: `LSM` is one nn.Module; `forward` is `speech_forward` (train.py all-reduces the gradients itself,
+so any wrapper works; `text_forward` has no gradient).
 """
 import argparse
 import contextlib
