@@ -87,7 +87,7 @@ EPS = 1e-3         # relative epsilon (module docstring)
 N_ITERS = 100      # Sinkhorn iterations (the warm start of the Newton polish)
 TOL = 1e-5         # L1 column-marginal error at which the Newton polish stops (rows are exact); fp32 reaches
 TOL64 = 1e-8       # ~1e-6 at best (C / eps_abs ~ 1e4 in exponents), fp64 far below: fp64 inputs stop at TOL64
-NEWTON = 40        # cap on the Newton steps (on the benchmark batches 6-30 reach TOL)
+NEWTON = 60        # cap on the Newton steps (benchmark batches: 6-57 reach TOL; see README "Benchmark")
 ANNEAL = 0.15      # fraction of the iterations spent decaying eps from max(C) to EPS * scale(C)
 OMEGA = 1.9        # over-relaxation after annealing (1.95 already oscillates on some problems)
 ABSORB = 4         # iterations between kernel rebuilds at the final eps (8 moved an fp32 value by 0.2%)
@@ -252,6 +252,9 @@ def _hessian(plan, col, a_safe, b, pad_y, ridge):
     return h.add_(b[:, :, None] * b[:, None, :])
 
 
+_STEPS = torch.tensor([1.0, 0.25, 0.0625, 0.015625])   # the Newton step lengths tried
+
+
 def _newton(rebuild, K, f, G, v, e, a, b, a_safe, pad_x, pad_y, y_mask, tol, steps):
     """Levenberg-Marquardt Newton on the semi-dual in log v (rows exact: u = a / K v), until the L1 column
     error is below tol for every problem or `steps` steps; one host sync per step. A step is accepted per
@@ -261,25 +264,29 @@ def _newton(rebuild, K, f, G, v, e, a, b, a_safe, pad_x, pad_y, y_mask, tol, ste
     loop): K's exponent floor must not decide where far-moved mass goes. -> (K, f, G, v)."""
     dt = v.dtype
     lam = torch.full_like(v[:, :1], 1e-3)
+    radius = torch.full_like(v[:, :1], 5.0)   # grows while full steps succeed (far-off potentials), up to 40
     tiny = torch.finfo(dt).eps
     mv = lambda w: torch.bmm(w[:, None, :], K.transpose(1, 2))[:, 0] + pad_x   # noqa: E731 (K v, 1 on padding)
     semi = lambda w, kw: (b * torch.where(y_mask, w.log(), 0.0)).sum(1) - (a * kw.log()).sum(1)  # noqa: E731
+    start = K, f, G, v
     kv = mv(v)
     s_old = semi(v, kv)
-    for _ in range(steps):
+    for _ in range(steps + 1):   # the last pass only measures
         u = a_safe / kv
         plan = K * u[:, :, None] * v[:, None, :]
         col = plan.sum(1)
         err = (col - b).abs().sum(1)
-        far = torch.where(y_mask, v.log().abs(), 0.0).amax(1)
-        more, absorb = torch.stack([(err > tol).any(), (far > 15.0).any()]).tolist()   # NaN: done, not far
-        if not more:
+        active = err > tol          # the others are frozen: a problem's steps do not depend on its batch
+        far = (torch.where(y_mask, v.log().abs(), 0.0).amax(1) > 15.0) & active
+        more, absorb = torch.stack([active.any(), far.any()]).tolist()   # NaN: done, not far
+        if not more or _ == steps:
             break
-        if absorb:
-            G = G + e * torch.where(y_mask, v.log(), 0.0)
-            K, f, g = rebuild(G)
-            v = torch.where(y_mask, ((G - g) / e).exp(), 1.0)   # in [e^-15, 1] after a rebuild: G - g <= 0
-            G = g
+        if absorb:   # only the far problems take the new kernel: the others' iterates must not depend on them
+            G_abs = G + e * torch.where(y_mask, v.log(), 0.0)
+            K_new, f_new, g = rebuild(G_abs)
+            v_new = torch.where(y_mask, ((G_abs - g) / e).exp(), 1.0)   # <= 1 after a rebuild: G - g <= 0
+            K = torch.where(far[:, None, None], K_new, K)
+            f, G, v = (torch.where(far[:, None], new, old) for new, old in ((f_new, f), (g, G), (v_new, v)))
             kv = mv(v)
             s_old = semi(v, kv)
             u = a_safe / kv
@@ -287,15 +294,31 @@ def _newton(rebuild, K, f, G, v, e, a, b, a_safe, pad_x, pad_y, y_mask, tol, ste
             col = plan.sum(1)
         h = _hessian(plan, col, a_safe, b, pad_y, lam + 100 * tiny)
         chol, _ = torch.linalg.cholesky_ex(h)
-        delta = torch.cholesky_solve((b - col)[:, :, None], chol)[:, :, 0].clamp_(-30.0, 30.0)
-        v_new = v * delta.exp()
-        kv_new = mv(v_new)
-        s_new = semi(v_new, kv_new)
-        ok = (s_new >= s_old) | (delta.abs().amax(1) < 0.1)
-        v = torch.where(ok[:, None], v_new, v)
-        kv = torch.where(ok[:, None], kv_new, kv)
-        s_old = torch.where(ok, s_new, s_old)
-        lam = torch.where(ok[:, None], lam * 0.25, lam * 4.0).clamp_(1e-9, 1e6)
+        delta = torch.cholesky_solve((b - col)[:, :, None], chol)[:, :, 0]
+        # trust region |log step| <= radius, then the best of four step lengths (one product with K for all four)
+        delta = delta * (radius / torch.maximum(delta.abs().amax(1, keepdim=True), radius))
+        v_try = v[:, None, :] * (_STEPS.to(dt)[:, None] * delta[:, None, :]).exp()         # (B, 4, m)
+        kv_try = torch.bmm(v_try, K.transpose(1, 2)) + pad_x[:, None, :]                 # (B, 4, n)
+        s_try = (b[:, None, :] * torch.where(y_mask[:, None, :], v_try.log(), 0.0)).sum(2) \
+            - (a[:, None, :] * kv_try.log()).sum(2)
+        best = s_try.nan_to_num(nan=-math.inf).argmax(1)
+        s_new = s_try.gather(1, best[:, None])[:, 0]
+        small = delta.abs().amax(1) < 0.05        # near the optimum S's rounding hides the gain of a full step
+        best = torch.where(small, 0, best)
+        ok = ((s_new > s_old) | small) & active
+        pick = best[:, None, None].expand(-1, 1, v.shape[1])
+        v = torch.where(ok[:, None], v_try.gather(1, pick)[:, 0], v)
+        kv = torch.where(ok[:, None], kv_try.gather(1, best[:, None, None].expand(-1, 1, kv.shape[1]))[:, 0], kv)
+        s_old = torch.where(ok, s_try.gather(1, best[:, None])[:, 0], s_old)
+        full = ok[:, None] & (best[:, None] == 0)
+        grow = active[:, None] & ~full
+        lam = torch.where(full, lam * 0.25, torch.where(grow, lam * 4.0, lam)).clamp_(1e-9, 1e6)
+        radius = torch.where(full, radius * 2.0, torch.where(grow, radius * 0.5, radius)).clamp_(5.0, 40.0)
+    # a problem still above tol at the cap keeps its Sinkhorn state: far from the optimum the polish's path
+    # depends on rounding (so on the batch), Sinkhorn's fixed schedule does not
+    keep = active
+    K = torch.where(keep[:, None, None], start[0], K)
+    f, G, v = (torch.where(keep[:, None], old, new) for old, new in zip(start[1:], (f, G, v)))
     return K, f, G, v
 
 
@@ -420,19 +443,24 @@ class _Transport(torch.autograd.Function):
             sol = _solve(cost, x_mask, y_mask, eps, n_iters, tol=tol, newton=newton)
             primal, dual = _values(sol, cost)
         ratio = torch.where(sol.b > 0, sol.b / sol.col, 0.0)
-        ctx.save_for_backward(xc, yc, sol.plan, sol.a, sol.b, ratio, None if entropic else cost, sol.eps)
+        # the implicit gradient needs a converged plan: a problem the polish left above 10 tol gets the envelope
+        limit = 10 * (tol if tol is not None else (TOL64 if cost.dtype == torch.float64 else TOL))
+        converged = ((sol.col - sol.b).abs().sum(1) <= limit) if newton else torch.zeros_like(sol.b[:, 0], dtype=torch.bool)
+        ctx.save_for_backward(xc, yc, sol.plan, sol.a, sol.b, ratio, None if entropic else cost, sol.eps, converged)
         ctx.dtypes, ctx.entropic = (x.dtype, y.dtype), entropic
         return dual if entropic else primal
 
     @staticmethod
     def backward(ctx, grad):
-        xc, yc, plan, a, b, ratio, cost, e = ctx.saved_tensors
+        xc, yc, plan, a, b, ratio, cost, e, converged = ctx.saved_tensors
         with _no_autocast(xc.device):
             s = 2.0 * grad.to(xc.dtype)[:, None, None]
-            if ctx.entropic:   # envelope: dOT_eps/dC = P, rows from P_row (exact a), columns from P_col (exact b)
-                gc_x, gc_y = plan * s, plan * (s * ratio[:, None, :])
-            else:
-                gc_x = gc_y = _implicit(plan, cost, a, b, e) * s
+            # envelope: dOT_eps/dC = P, rows from P_row (exact a), columns from P_col (exact b)
+            gc_x, gc_y = plan * s, plan * (s * ratio[:, None, :])
+            if not ctx.entropic:   # d<P, C>/dC where the plan is converged
+                exact = _implicit(plan, cost, a, b, e) * s
+                keep = converged[:, None, None]
+                gc_x, gc_y = torch.where(keep, exact, gc_x), torch.where(keep, exact, gc_y)
             gx = gy = None
             if ctx.needs_input_grad[0]:   # dC_ij/dx_i = 2 (x_i - y_j)
                 gx = torch.baddbmm(xc * gc_x.sum(2, keepdim=True), gc_x, yc, alpha=-1.0).to(ctx.dtypes[0])
