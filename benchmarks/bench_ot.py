@@ -310,13 +310,14 @@ def main():
     p.add_argument("--quick", action="store_true", help="smaller batches")
     p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--only-stage3", action="store_true", help="only the stage-3 step ratio (demo-sized model)")
     args = p.parse_args()
     if args.memory_probe:
         return memory_probe(*args.memory_probe, args.quick)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ot.py defaults eps={aista_ot.EPS} "
           f"n_iters={aista_ot.N_ITERS}")
     results = {}
-    for case in cases(args.quick):
+    for case in ([] if args.only_stage3 else cases(args.quick)):
         x, y = inputs(case, args.quick)
         if case.startswith("retrieval"):   # exact distances of a 20 x 20 corner, the all-pairs block timed whole
             xs, ys = x[:20], y[:20]
@@ -354,10 +355,30 @@ def main():
             print(f"  time per iteration: ours {it * 1e3:.3f} ms, two-pass limit (2 x exp + sum over B x n x m) "
                   f"{limit * 1e3:.3f} ms: {it / limit:.2f}x the limit")
             results[case + " per_iteration"] = dict(ours=it, limit=limit)
-    case = "loss d=896"
-    mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
-    print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: {mem[500]:.0f} MB")
-    results["memory_vs_iters"] = mem
+            cost = aista_ot.cost_matrix(x, y)
+            plan = aista_ot.sinkhorn(cost).log_plan_row.exp()
+            col_err = (plan.sum(1) - 1 / y.shape[1]).abs().sum(1)
+            print(f"  L1 column-marginal error at the defaults: max {col_err.max():.1e} (TOL {aista_ot.TOL:g}); "
+                  f"rows exact")
+            results[case + " marginal_error"] = float(col_err.max())
+    if not args.only_stage3:
+        case = "loss d=896"
+        mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
+        print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: "
+              f"{mem[500]:.0f} MB")
+        results["memory_vs_iters"] = mem
+    st = stage3_step(rounds=5 if args.quick else 15)
+    shapes = st.pop("shapes")
+    print(f"\nstage-3 step, demo-sized model, batch 16, {torch.get_num_threads()} thread(s), median of interleaved "
+          f"rounds: OT problems {shapes['problems']} x ({shapes['n']} x {shapes['m']}) d={shapes['d']}")
+    print("| part | seconds |\n|---|---|")
+    for k, v in st.items():
+        print(f"| {k} | {v:.4f} |")
+    extra = st["step ot"] - st["step none"]
+    print(f"step ratio ot / none: {st['step ot'] / st['step none']:.3f} (target <= 1.15); extra {extra * 1e3:.1f} ms = "
+          f"text forward {st['text forward'] * 1e3:.1f} + ot.wasserstein {st['ot.wasserstein'] * 1e3:.1f} + hidden "
+          f"capture {(st['speech fwd+bwd, layers 0-4'] - st['speech fwd+bwd, no layers']) * 1e3:.1f} ms (+ rest)")
+    results["stage3"] = dict(st, shapes=shapes)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
