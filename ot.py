@@ -37,7 +37,8 @@ S(v) = <b, log v> - <a, log K v> solve
 5..40; the best of t = 1, 1/4, 1/16, 1/64 by S, all four in one product with K; far-moved scalings
 absorbed into G as above), until the L1 column error is below TOL = 1e-5 (fp32: its floor is ~1e-6, with
 C / eps_abs ~ 1e4 in the exponents) or TOL64 = 1e-8 (fp64) for every problem, at most NEWTON steps. One
-host sync per step (on a GPU a pipeline drain, ~10-50 us each; 6-60 steps on the benchmark batches). A
+host sync per step (on a GPU a pipeline drain, ~10-50 us each; 7-16 steps on the benchmark batches, up
+to the cap on a few ragged problems). A
 converged problem is frozen, so its steps do not depend on its batch; a problem still above tol at the
 cap keeps its Sinkhorn state (and gets the envelope gradient below): far from the optimum the Newton path
 depends on rounding. newton=0 gives the Sinkhorn loop alone.
@@ -103,7 +104,7 @@ EPS = 1e-3         # relative epsilon (module docstring)
 N_ITERS = 100      # Sinkhorn iterations (the warm start of the Newton polish)
 TOL = 1e-5         # L1 column-marginal error at which the Newton polish stops (rows are exact); fp32 reaches
 TOL64 = 1e-8       # ~1e-6 at best (C / eps_abs ~ 1e4 in exponents), fp64 far below: fp64 inputs stop at TOL64
-NEWTON = 60        # cap on the Newton steps (benchmark batches: 6-57 reach TOL; see README "Benchmark")
+NEWTON = 60        # cap on the Newton steps (benchmark batches: 7-16 reach TOL, ragged ones up to ~57)
 ANNEAL = 0.15      # fraction of the iterations spent decaying eps from max(C) to EPS * scale(C)
 OMEGA = 1.9        # over-relaxation after annealing (1.95 already oscillates on some problems)
 ABSORB = 4         # iterations between kernel rebuilds at the final eps (8 moved an fp32 value by 0.2%)
