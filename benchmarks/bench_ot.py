@@ -192,18 +192,132 @@ def memory_probe(case, contender, quick):
     print(max(peak[0], rss_mb()) - base)
 
 
+# ---------------------------------------------------------------- stage 3: OT on five layers vs cross-entropy only
+def demo_model(folder, seed=0):
+    """The CPU demo's stage-3 model with random weights (demo.sh MODEL, demo/backbones.py): Qwen2 LLM hidden 128 x 4
+    layers (float32, LoRA), Whisper d96 x 2 layers with the demo's cut input (4 s: its clips are under 4 s), tiny
+    BEATs, Q-Former hidden 128 / 4 heads / FFN 256 x 2 layers, --speech-tokens real. -> (lsm, sentences)."""
+    import json as _json
+    import os
+    sys.path.insert(0, str(ROOT))
+    import beats as beats_lib
+    import model as M
+    from demo import backbones, corpus
+    from transformers import WhisperFeatureExtractor, WhisperModel
+    sentences = corpus.sample_sentences(600, seed)
+    tok = backbones.train_tokenizer([s for t in sentences for s in t] + backbones.prompt_texts() * 50)
+    torch.manual_seed(seed)
+    llm, whisper = os.path.join(folder, "llm"), os.path.join(folder, "whisper")
+    backbones.save_lm(backbones.new_lm(tok, hidden=128, layers=4, seed=seed), tok, llm)
+    cfg = backbones.whisper_config()
+    WhisperModel(cfg).save_pretrained(whisper)
+    seconds = 4                              # demo/backbones.py short_whisper: ceil(longest clip + 17 frames)
+    with open(os.path.join(whisper, "config.json")) as f:
+        c = _json.load(f)
+    from safetensors.torch import load_file, save_file
+    w = load_file(os.path.join(whisper, "model.safetensors"))
+    w["encoder.embed_positions.weight"] = w["encoder.embed_positions.weight"][:50 * seconds].contiguous()
+    save_file(w, os.path.join(whisper, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(whisper, "config.json"), "w") as f:
+        _json.dump({**c, "max_source_positions": 50 * seconds}, f)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=seconds).save_pretrained(whisper)
+    beats = beats_lib.write_tiny_beats(os.path.join(folder, "beats", beats_lib.BEATS_CKPT_NAME), seed=seed)
+    lsm = M.LSM(whisper, llm, beats, llm_dtype="float32", speech_tokens="real", qformer_layers=2,
+                qformer_hidden=128, qformer_heads=4, qformer_ffn=256, verbose=False)
+    return lsm, sentences
+
+
+def demo_batch(lsm, sentences, B=16, seed=0):
+    """B demo-like items: the corpus grammar's sentences (English transcript, Chinese target), noise clips of
+    ~0.3 s per word + 0.5 s (espeak's pace in the demo corpus, under 4 s), collated as data.Collator does."""
+    from transformers import WhisperFeatureExtractor
+    fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
+    rng = np.random.default_rng(seed)
+    pick = [sentences[i] for i in rng.choice(len(sentences), B, replace=False)]
+    secs = [min(3.6, 0.5 + 0.3 * len(en.split()) + rng.uniform(0, 0.4)) for en, _, _ in pick]
+    wavs = [(0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in secs]
+    mel = torch.from_numpy(fe(wavs, sampling_rate=16000, return_tensors="np").input_features)
+    wav = torch.zeros(B, max(len(w) for w in wavs))
+    for i, w in enumerate(wavs):
+        wav[i, :len(w)] = torch.from_numpy(w)
+    return dict(ids=[f"utt{i}" for i in range(B)], mel=mel, wav=wav, wav_lens=torch.tensor([len(w) for w in wavs]),
+                instructions=["Translate the speech into Chinese."] * B, targets=[zh for _, zh, _ in pick],
+                transcripts=[en for en, _, _ in pick], tasks=["st"] * B, tgt_langs=["zh"] * B)
+
+
+def stage3_step(rounds=15, B=16):
+    """Seconds of one stage-3 training step (forward, backward, AdamW step) of the demo model with --align ot on
+    layers 0-4 against --align none (cross-entropy only), alternating on one batch; and what the difference is
+    made of: the text forward (LSM.text_forward on layers 0-4, no gradient), ot.wasserstein forward + backward on
+    the step's shapes, and the speech forward's extra hidden-state capture."""
+    import tempfile
+    sys.path.insert(0, str(ROOT))
+    import joint_train
+    with tempfile.TemporaryDirectory() as folder:
+        lsm, sentences = demo_model(folder)
+        batch = demo_batch(lsm, sentences, B)
+        layers = (0, 1, 2, 3, 4)
+        objectives = {"none": joint_train.Joint(lsm, "none").train(),
+                      "ot": joint_train.Joint(lsm, "ot", layers=layers).train()}
+        params = [p for p in lsm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(obj):
+            opt.zero_grad(set_to_none=True)
+            obj(batch)["loss"].backward()
+            opt.step()
+
+        def text():
+            lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
+
+        def speech(layers):
+            def run():
+                out = lsm.speech_forward(batch, layers)
+                out["loss"].backward()
+            return run
+
+        out = lsm.speech_forward(batch, layers)
+        hidden, text_states = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
+        mask = out["speech_mask"]
+        n = int(mask.sum(1).max())
+        x0 = torch.cat([out["hidden"][l][:, :n].detach() for l in layers])
+        y0 = torch.cat([hidden[l] for l in layers])
+        xm, ym = mask[:, :n].repeat(len(layers), 1), text_states.repeat(len(layers), 1)
+
+        def sinkhorn():
+            x = x0.clone().requires_grad_(True)
+            aista_ot.wasserstein(x, y0, xm, ym).sum().backward()
+
+        parts = {"step none": lambda: step(objectives["none"]), "step ot": lambda: step(objectives["ot"]),
+                 "text forward": text, "ot.wasserstein": sinkhorn,
+                 "speech fwd+bwd, no layers": speech(()), "speech fwd+bwd, layers 0-4": speech(layers)}
+        times = {k: [] for k in parts}
+        for fn in parts.values():
+            fn()  # warm-up
+        for _ in range(rounds):     # interleaved, so the load of a shared machine hits every part alike
+            for k, fn in parts.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        med["shapes"] = dict(problems=int(x0.shape[0]), n=int(n), m=int(ym.shape[1]), d=int(x0.shape[2]),
+                             speech_windows=mask.sum(1).tolist(), text_tokens=ym[:B].sum(1).tolist())
+        return med
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller batches")
     p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--only-stage3", action="store_true", help="only the stage-3 step ratio (demo-sized model)")
     args = p.parse_args()
     if args.memory_probe:
         return memory_probe(*args.memory_probe, args.quick)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ot.py defaults eps={aista_ot.EPS} "
           f"n_iters={aista_ot.N_ITERS}")
     results = {}
-    for case in cases(args.quick):
+    for case in ([] if args.only_stage3 else cases(args.quick)):
         x, y = inputs(case, args.quick)
         if case.startswith("retrieval"):   # exact distances of a 20 x 20 corner, the all-pairs block timed whole
             xs, ys = x[:20], y[:20]
@@ -241,10 +355,30 @@ def main():
             print(f"  time per iteration: ours {it * 1e3:.3f} ms, two-pass limit (2 x exp + sum over B x n x m) "
                   f"{limit * 1e3:.3f} ms: {it / limit:.2f}x the limit")
             results[case + " per_iteration"] = dict(ours=it, limit=limit)
-    case = "loss d=896"
-    mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
-    print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: {mem[500]:.0f} MB")
-    results["memory_vs_iters"] = mem
+            cost = aista_ot.cost_matrix(x, y)
+            plan = aista_ot.sinkhorn(cost).log_plan_row.exp()
+            col_err = (plan.sum(1) - 1 / y.shape[1]).abs().sum(1)
+            print(f"  L1 column-marginal error at the defaults: max {col_err.max():.1e} (TOL {aista_ot.TOL:g}); "
+                  f"rows exact")
+            results[case + " marginal_error"] = float(col_err.max())
+    if not args.only_stage3:
+        case = "loss d=896"
+        mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
+        print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: "
+              f"{mem[500]:.0f} MB")
+        results["memory_vs_iters"] = mem
+    st = stage3_step(rounds=5 if args.quick else 15)
+    shapes = st.pop("shapes")
+    print(f"\nstage-3 step, demo-sized model, batch 16, {torch.get_num_threads()} thread(s), median of interleaved "
+          f"rounds: OT problems {shapes['problems']} x ({shapes['n']} x {shapes['m']}) d={shapes['d']}")
+    print("| part | seconds |\n|---|---|")
+    for k, v in st.items():
+        print(f"| {k} | {v:.4f} |")
+    extra = st["step ot"] - st["step none"]
+    print(f"step ratio ot / none: {st['step ot'] / st['step none']:.3f} (target <= 1.15); extra {extra * 1e3:.1f} ms = "
+          f"text forward {st['text forward'] * 1e3:.1f} + ot.wasserstein {st['ot.wasserstein'] * 1e3:.1f} + hidden "
+          f"capture {(st['speech fwd+bwd, layers 0-4'] - st['speech fwd+bwd, no layers']) * 1e3:.1f} ms (+ rest)")
+    results["stage3"] = dict(st, shapes=shapes)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
