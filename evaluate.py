@@ -89,7 +89,7 @@ TOKENIZE_BY_LANG = {"zh": "zh", "ja": "ja-mecab"}  # every other target language
 DEFAULT_TOKENIZE = "13a"
 JA_INSTALL = 'pip install "sacrebleu[ja]"'
 FIG_INCHES, FIG_DPI = (6.0, 5.0), 100  # --tsne: a 600 x 500 pixel PNG per panel
-FIG6_INCHES = (7.0, 5.0)
+FIG6_INCHES = (7.5, 6.0)  # the legend sits below the axes
 
 
 class EvalError(Exception):
@@ -1009,16 +1009,20 @@ def figure6(runs, paths, path, lang=None):
     ax.set_title("ST BLEU against the speech-text alignment degree (paper Figure 6)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
-    ax.legend(loc="best", fontsize=8, title_fontsize=8, title="mean ± sd over seeds (small dots: each seed)"
-              if any(n > 1 for *_, n in out) else None)
+    # the legend below the axes, so that no name next to a point can hide under it
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, title_fontsize=8,
+              title="mean ± sd over seeds (small dots: each seed)" if any(n > 1 for *_, n in out) else None)
     fig.tight_layout()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
     renderer = FigureCanvasAgg(fig).get_renderer()
-    placed = [ax.get_legend().get_window_extent(renderer)]  # each name next to its point, where it covers nothing
+    # each name next to its point, where it covers no other name and no point (a 16-pixel box around each) ...
+    placed = [Bbox.from_bounds(px - 8, py - 8, 16, 16) for px, py in ax.transData.transform([(x, y) for _, x, y, _
+                                                                                              in out])]
     inside = ax.get_window_extent(renderer)  # ... and is not cut by the edge of the plot
     for k, (name, x, y, _) in enumerate(out):
-        for dx, dy, ha in ((6, 6, "left"), (6, -14, "left"), (-6, 6, "right"), (-6, -14, "right"), (6, 20, "left"),
-                           (6, -28, "left")):
+        for dx, dy, ha in ((8, 6, "left"), (8, -14, "left"), (-8, 6, "right"), (-8, -14, "right"), (8, 20, "left"),
+                           (8, -28, "left"), (-8, 20, "right"), (-8, -28, "right")):
             label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha,
                                 color=colors[k % len(colors)])
             box = label.get_window_extent(renderer)
