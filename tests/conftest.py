@@ -36,6 +36,15 @@ def have_speech():
         return False
 
 
+def save_fresh_lsm(ckpts, path):
+    """A fresh tiny LSM (Whisper only, float32 LLM, tiny Q-Former, seed 0) saved as a stage-1 checkpoint -> path."""
+    import model as M
+    torch.manual_seed(0)
+    lsm = M.LSM(ckpts["whisper"], ckpts["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
+    lsm.save_trainable(path)
+    return path
+
+
 def make_batch(whisper_dir, seconds, instructions=None, targets=None, transcripts=None, seed=0):
     """A batch as data.Collator builds it, from random noise clips of the given durations (s)."""
     from transformers import WhisperFeatureExtractor

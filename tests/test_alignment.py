@@ -12,7 +12,7 @@ import evaluate
 import model as M
 import ot
 import select_layers as S
-from conftest import TINY_QFORMER
+from conftest import save_fresh_lsm
 from test_train import ST_ROWS, one_thread, write_manifest  # noqa: F401 (fixture)
 
 
@@ -86,11 +86,7 @@ def test_select_layers_cosine_mrr_is_blind_to_the_scale_of_one_side():
 @pytest.fixture(scope="module")
 def stage1(tiny_ckpts, tmp_path_factory):
     d = tmp_path_factory.mktemp("alignment")
-    p = tiny_ckpts["qwen2"]
-    torch.manual_seed(0)
-    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
-    init = str(d / "last.safetensors")
-    lsm.save_trainable(init)
+    init = save_fresh_lsm(tiny_ckpts["qwen2"], str(d / "last.safetensors"))
     return dict(init=init, manifest=write_manifest(d, "m", ST_ROWS, seconds=[1.0, 2.0, 1.5, 1.25]))
 
 

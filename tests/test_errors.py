@@ -5,14 +5,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import joint_train
-import model as M
 import pretrain
 import select_layers
 import train
-from conftest import TINY_QFORMER
+from conftest import save_fresh_lsm
 from test_train import RUN_FLAGS, ROOT, ST_ROWS, one_thread, tiny_flags, write_manifest  # noqa: F401 (fixture)
 
 
@@ -30,11 +28,7 @@ def cli_error(capsys, main, script):
 @pytest.fixture(scope="module")
 def init(tiny_ckpts, tmp_path_factory):
     d = tmp_path_factory.mktemp("errors")
-    p = tiny_ckpts["qwen2"]
-    torch.manual_seed(0)
-    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
-    path = str(d / "last.safetensors")
-    lsm.save_trainable(path)
+    path = save_fresh_lsm(tiny_ckpts["qwen2"], str(d / "last.safetensors"))
     return dict(init=path, train=write_manifest(d, "train", ST_ROWS), folder=d)
 
 

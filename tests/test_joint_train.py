@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import joint_train
 import model as M
-from conftest import TINY_QFORMER, make_batch
+from conftest import make_batch, save_fresh_lsm
 from test_train import RUN_FLAGS, ST_ROWS, metrics, one_thread, write_manifest  # noqa: F401 (fixture)
 
 
@@ -20,11 +20,7 @@ from test_train import RUN_FLAGS, ST_ROWS, metrics, one_thread, write_manifest  
 def setup(tiny_ckpts, tmp_path_factory):
     """A stage-1 checkpoint (fresh tiny LSM, Whisper only, float32) and ST train/dev manifests."""
     d = tmp_path_factory.mktemp("joint")
-    p = tiny_ckpts["qwen2"]
-    torch.manual_seed(0)
-    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
-    init = str(d / "stage1" / "last.safetensors")
-    lsm.save_trainable(init)
+    init = save_fresh_lsm(tiny_ckpts["qwen2"], str(d / "stage1" / "last.safetensors"))
     return dict(init=init, train=write_manifest(d, "train", ST_ROWS), dev=write_manifest(d, "dev", ST_ROWS[:2], seed=1),
                 fixed=write_manifest(d, "fixed", ST_ROWS[:2]), folder=d)
 

@@ -10,7 +10,7 @@ import torch
 
 import model as M
 import select_layers as S
-from conftest import TINY_QFORMER
+from conftest import save_fresh_lsm
 from test_train import ST_ROWS, one_thread, write_manifest  # noqa: F401 (fixture)
 
 
@@ -55,14 +55,11 @@ def test_planted_layers_are_exactly_the_selected_ones():
 @pytest.fixture(scope="module")
 def stage1(tiny_ckpts, tmp_path_factory):
     d = tmp_path_factory.mktemp("select")
-    p = tiny_ckpts["qwen2"]
-    torch.manual_seed(0)
-    lsm = M.LSM(p["whisper"], p["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
-    init = str(d / "last.safetensors")
-    lsm.save_trainable(init)
+    init = save_fresh_lsm(tiny_ckpts["qwen2"], str(d / "last.safetensors"))
     rows = ST_ROWS + [dict(id="c1", task="aac", text="a dog barks in the distance"),
                       dict(id="a1", task="asr", text="she sells sea shells")]
-    return dict(init=init, manifest=write_manifest(d, "m", rows), n_layers=lsm.n_layers)
+    n_layers = json.load(open(os.path.join(tiny_ckpts["qwen2"]["llm"], "config.json")))["num_hidden_layers"]
+    return dict(init=init, manifest=write_manifest(d, "m", rows), n_layers=n_layers)
 
 
 def test_end_to_end(stage1, tmp_path, capsys):
