@@ -87,6 +87,7 @@ import train  # init_distributed, collective_failure: the process group as in tr
 
 TOKENIZE_BY_LANG = {"zh": "zh", "ja": "ja-mecab"}  # every other target language: "13a"
 DEFAULT_TOKENIZE = "13a"
+OWN_FILES = ("hyps.st.jsonl", "hyps.mt.jsonl", "metrics.json")  # written atomically into --output-dir
 JA_INSTALL = 'pip install "sacrebleu[ja]"'
 FIG_INCHES, FIG_DPI = (6.0, 5.0), 100  # --tsne: a 600 x 500 pixel PNG per panel
 FIG6_INCHES = (7.5, 6.0)  # the legend sits below the axes
@@ -636,10 +637,7 @@ def finite_json(x):
 
 
 def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    train.atomic(path, lambda tmp: train.write_text(tmp, text))
 
 # ----------------------------------------------------------------------------- alignment degree and Figure 5
 
@@ -1083,7 +1081,7 @@ def run(args):
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             if rank == 0:
-                clean_temporaries(out_dir)
+                train.clean_temporaries(out_dir, OWN_FILES)  # what a kill during write_atomic left
             if modes:
                 prepare_partial(out_dir, decoding_config(args, entries), rank, world)
         lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
@@ -1177,14 +1175,6 @@ def _remove_partial(out_dir):
         for name in os.listdir(folder):
             os.remove(os.path.join(folder, name))
         os.rmdir(folder)
-
-
-def clean_temporaries(out_dir):
-    """Remove `<file>.tmp<pid>` files that a kill during write_atomic left in out_dir."""
-    import re
-    for name in os.listdir(out_dir):
-        if re.fullmatch(r"(?:hyps\.(?:st|mt)\.jsonl|metrics\.json)\.tmp\d+", name):
-            os.remove(os.path.join(out_dir, name))
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

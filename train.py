@@ -451,7 +451,7 @@ def atomic(path, write):
 
 
 def write_text(path, text):
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:  # hypotheses and prompts hold CJK text
         f.write(text)
 
 
