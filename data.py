@@ -304,6 +304,14 @@ def read_manifest(path, skip_bad=False):
         STATS["bad_lines"] += n_bad
     return entries
 
+def read_nonempty(path, flag, skip_bad=False):
+    """read_manifest for a flag of a stage script (--train, --dev): a UserError naming the flag and file when no
+    entry is usable (under skip_bad: every line was skipped)."""
+    entries = read_manifest(path, skip_bad=skip_bad)
+    if not entries:
+        raise UserError(f"{flag} {path}: no usable entry" + (" (every line was skipped as broken)" if skip_bad else ""))
+    return entries
+
 # ----------------------------------------------------------------------------- weighted mixture
 
 

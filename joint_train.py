@@ -218,13 +218,9 @@ def main(argv=None):
         print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
     args.layers = layers if args.align == "ot" else None
     before = data.STATS["bad_lines"]
-    train_entries = data.read_manifest(args.train, skip_bad=args.skip_bad)
+    train_entries = data.read_nonempty(args.train, "--train", args.skip_bad)
     bad_lines = data.STATS["bad_lines"] - before
-    dev_entries = data.read_manifest(args.dev, skip_bad=args.skip_bad) if args.dev else None
-    for name, path, entries in (("--train", args.train, train_entries), ("--dev", args.dev, dev_entries)):
-        if entries is not None and not entries:
-            raise data.UserError(f"{name} {path}: no usable entry" + (" (every line was skipped as broken)"
-                                                                      if args.skip_bad else ""))
+    dev_entries = data.read_nonempty(args.dev, "--dev", args.skip_bad) if args.dev else None
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))

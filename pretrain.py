@@ -60,11 +60,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     sources = train.parse_manifests(args.train)
     before = data.STATS["bad_lines"]
-    entries = [data.read_manifest(path, skip_bad=args.skip_bad) for path, _ in sources]
-    for (path, _), e in zip(sources, entries):
-        if not e:
-            raise data.UserError(f"--train {path}: no usable entry" + (" (every line was skipped as broken)"
-                                                                       if args.skip_bad else ""))
+    entries = [data.read_nonempty(path, "--train", args.skip_bad) for path, _ in sources]
     torch.manual_seed(args.seed)  # the same fresh Q-Former / projector / LoRA on every rank
     lsm = M.LSM.from_args(args)
     from transformers import WhisperFeatureExtractor
