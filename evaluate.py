@@ -387,11 +387,7 @@ def shard(n, rank, world):
 
 def gather(local, world):
     """Each rank's list -> the concatenation of all of them in rank order (on every rank)."""
-    if world == 1:
-        return list(local)
-    parts = [None] * world
-    dist.all_gather_object(parts, local)
-    return [x for part in parts for x in part]
+    return [x for part in train.all_gather_objects(list(local), world) for x in part]
 
 # ----------------------------------------------------------------------------- model and batches
 
