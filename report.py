@@ -188,9 +188,9 @@ def part_of(name):
     return {"ln_whisper": "ln", "ln_beats": "ln", "query": "qformer"}.get(top, top)
 
 
-def count(objective, processes=1):
+def count(objective):
     """-> {part: dict(params, trainable, frozen_bytes, trainable_bytes, grad_bytes, adam_bytes)}; the all-reduce
-    buffer of `processes` > 1 is a total (totals)."""
+    buffer of several processes is a total (totals)."""
     parts = {}
     for name, p in objective.named_parameters():
         row = parts.setdefault(part_of(name), dict.fromkeys(

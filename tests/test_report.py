@@ -147,7 +147,7 @@ def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
     from transformers import AutoConfig, AutoTokenizer
     ck = tiny_ckpts["qwen2"]
     args = report_args(ck, "--llm-dtype", llm_dtype)
-    parts = report.count(report.build(args, "meta"), processes=1)
+    parts = report.count(report.build(args, "meta"))
     V, d, f, L, kv = len(AutoTokenizer.from_pretrained(ck["llm"])), 64, 128, 3, 32  # tiny.TINY_LLM
     lin = lambda i, o, bias=True: i * o + (o if bias else 0)
     layer = lin(d, d) + 2 * lin(d, kv) + lin(d, d, False) + 3 * lin(d, f, False) + 2 * d  # Qwen2: q, k, v biases
