@@ -966,7 +966,7 @@ def figure6(runs, paths, path, lang=None):
     seeds with ± sd bars on both axes and each seed as a small dot. -> PNG at `path`; returns the plotted
     [(name, x mean, y mean, n)]."""
     Figure = _plot_libs()[0]
-    layers, points = None, []
+    layers = None
     for m, p in zip(runs, paths):
         a = m.get("alignment") or {}
         if a.get("mean") is None:

@@ -336,7 +336,7 @@ def main():
                          "peak_mb": peak_memory_mb(case, name, args.quick)})
         ref = rows[0]["seconds"]
         print(f"\n{case}: x {tuple(x.shape)}, y {tuple(y.shape)}")
-        print(f"| contender | time (s) | time / ours fp32 | mean rel. error vs emd2 | peak MB |")
+        print("| contender | time (s) | time / ours fp32 | mean rel. error vs emd2 | peak MB |")
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['contender']} | {r['seconds']:.4f} | {r['seconds'] / ref:.2f} | {r['error']:.4f} | {r['peak_mb']:.0f} |")
