@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 class UserError(ValueError):
     """Bad input the user can fix (a manifest, flag, path or checkpoint): the scripts print the message alone,
-    `<script>.py: error: <message>`, without a traceback (see train.cli). Any other exception is a bug and keeps
+    `<script>.py: error: <message>`, without a traceback (see runtime.cli). Any other exception is a bug and keeps
     its traceback."""
 
 

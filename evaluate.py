@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 import data
 import ot
-import train  # init_distributed, collective_failure: the process group as in training
+import runtime
 
 TOKENIZE_BY_LANG = {"zh": "zh", "ja": "ja-mecab"}  # every other target language: "13a"
 DEFAULT_TOKENIZE = "13a"
@@ -387,7 +387,7 @@ def shard(n, rank, world):
 
 def gather(local, world):
     """Each rank's list -> the concatenation of all of them in rank order (on every rank)."""
-    return [x for part in train.all_gather_objects(list(local), world) for x in part]
+    return [x for part in runtime.all_gather_objects(list(local), world) for x in part]
 
 # ----------------------------------------------------------------------------- model and batches
 
@@ -633,7 +633,7 @@ def finite_json(x):
 
 
 def write_atomic(path, text):
-    train.atomic(path, lambda tmp: train.write_text(tmp, text))
+    runtime.atomic(path, lambda tmp: runtime.write_text(tmp, text))
 
 # ----------------------------------------------------------------------------- alignment degree and Figure 5
 
@@ -1072,12 +1072,12 @@ def run(args):
         out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
                                                   os.path.splitext(os.path.basename(args.manifest))[0])
     modes = [m for m in args.mode if m != "none"]
-    rank, world, device = train.init_distributed(args.dist_timeout)  # nccl on GPUs, gloo on CPUs
+    rank, world, device = runtime.init_distributed(args.dist_timeout)  # nccl on GPUs, gloo on CPUs
     try:
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             if rank == 0:
-                train.clean_temporaries(out_dir, OWN_FILES)  # what a kill during write_atomic left
+                runtime.clean_temporaries(out_dir, OWN_FILES)  # what a kill during write_atomic left
             if modes:
                 prepare_partial(out_dir, decoding_config(args, entries), rank, world)
         lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
@@ -1099,7 +1099,7 @@ def run(args):
             base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
             base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
     except RuntimeError as e:
-        failure = train.collective_failure(e, rank, args.dist_timeout) if world > 1 else None
+        failure = runtime.collective_failure(e, rank, args.dist_timeout) if world > 1 else None
         if failure is None:
             raise
         raise failure from None

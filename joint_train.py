@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import data
 import model as M
 import ot
+import runtime
 import train
 
 
@@ -182,7 +183,7 @@ def read_layers(path):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
     p.add_argument("--init", required=True, help="stage-1 weights (runs/stage1/last.safetensors; its .json beside it "
                                                  "rebuilds the model; model flags given here override it)")
     p.add_argument("--train", required=True, help="training manifest (ST, with transcripts)")
@@ -238,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "joint_train.py")
+    runtime.cli(main, "joint_train.py")

@@ -38,11 +38,12 @@ import torch
 
 import data
 import model as M
+import runtime
 import train
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
     p.add_argument("--train", nargs="+", required=True, metavar="MANIFEST[:WEIGHT]",
                    help="training manifests (ASR, AAC) with optional weights (default 1): with --mix-by size a "
                         "manifest's share is weight x entries / sum over manifests (weight 0.5: as if it had half "
@@ -95,4 +96,4 @@ def mix(args, sources, sizes):
 
 
 if __name__ == "__main__":
-    train.cli(main, "pretrain.py")
+    runtime.cli(main, "pretrain.py")

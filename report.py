@@ -17,8 +17,8 @@ top to bottom:
 2. Bytes, per part (whisper, beats, ln, qformer, proj, lora, llm, ctc_head), in each parameter's dtype:
      frozen weights, trainable weights, gradients (= trainable parameters, same dtype),
      AdamW state = exp_avg + exp_avg_sq: 2 tensors of the parameter's dtype (fp32) per trainable parameter,
-     the gradient all-reduce buffer when --processes > 1: train.sync_gradients flattens at most
-     train.GRAD_BUCKET = 2^25 values at a time, so min(gradients, 128 MiB) (a total, not per part).
+     the gradient all-reduce buffer when --processes > 1: runtime.sync_gradients flattens at most
+     runtime.GRAD_BUCKET = 2^25 values at a time, so min(gradients, 128 MiB) (a total, not per part).
    These are exact and device-independent.
 
 3. Activation model. What a step needs on top of the weights, gradients and AdamW state -- the tensors saved
@@ -64,6 +64,7 @@ import beats as beats_lib
 import joint_train
 import model as M
 import tiny
+import runtime
 import train
 
 JSON_KEYS = ("model", "layout", "parts", "totals", "measured", "fit", "decode", "predicted")
@@ -74,7 +75,7 @@ PARTS = ("whisper", "beats", "ln", "qformer", "proj", "lora", "llm", "ctc_head")
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
     g = p.add_argument_group("report")
     g.add_argument("--real", choices=tiny.REAL_LLMS, default=None,
                    help="the paper's backbones at the real widths (tiny.REAL_CONFIGS) instead of --whisper/--beats/--llm")
@@ -208,10 +209,10 @@ def count(objective):
 
 
 def totals(parts, processes=1):
-    """Sums over the parts, plus sync_bytes (the gradient all-reduce's flat buffer, train.sync_gradients: at most
-    train.GRAD_BUCKET fp32 values at once, none for one process) and static_bytes (everything but activations)."""
+    """Sums over the parts, plus sync_bytes (the gradient all-reduce's flat buffer, runtime.sync_gradients: at most
+    runtime.GRAD_BUCKET fp32 values at once, none for one process) and static_bytes (everything but activations)."""
     t = {k: sum(r[k] for r in parts.values()) for k in next(iter(parts.values()))}
-    t["sync_bytes"] = min(t["grad_bytes"], 4 * train.GRAD_BUCKET) if processes > 1 else 0
+    t["sync_bytes"] = min(t["grad_bytes"], 4 * runtime.GRAD_BUCKET) if processes > 1 else 0
     t["static_bytes"] = sum(t[k] for k in ("frozen_bytes", "trainable_bytes", "grad_bytes", "adam_bytes", "sync_bytes"))
     return t
 

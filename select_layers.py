@@ -43,6 +43,7 @@ from tqdm import tqdm
 import data
 import model as M
 import ot
+import runtime
 import train
 
 
@@ -202,7 +203,7 @@ def table(mrr, selected, chance=None):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
     p.add_argument("--init", required=True, help="stage-1 weights (runs/stage1/last.safetensors, .json beside it)")
     p.add_argument("--manifest", required=True, help="speech with transcripts (paper: LibriSpeech test-clean)")
     p.add_argument("--output-dir", required=True)
@@ -255,7 +256,7 @@ def main(argv=None):
             raise data.UserError(msg + ", or --allow-chance-level to run anyway")
         print(f"warning: {msg} (--allow-chance-level)")
     os.makedirs(args.output_dir, exist_ok=True)
-    train.clean_temporaries(args.output_dir, ["layers.json"])
+    runtime.clean_temporaries(args.output_dir, ["layers.json"])
 
     device = torch.device(args.device)
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args)).to(device).eval()
@@ -288,8 +289,8 @@ def main(argv=None):
     result = dict(mrr={str(l): v for l, v in mrr.items()}, selected=selected, threshold=args.threshold,
                   num_pairs=n, chance=dict(mrr=chance[0], sd=chance[1]), counts=read["counts"],
                   skipped=read["skipped"], args=vars(args))
-    train.atomic(os.path.join(args.output_dir, "layers.json"),
-                 lambda path: train.write_text(path, json.dumps(result, indent=1)))
+    runtime.atomic(os.path.join(args.output_dir, "layers.json"),
+                 lambda path: runtime.write_text(path, json.dumps(result, indent=1)))
     plot(mrr, args.threshold, os.path.join(args.output_dir, "mrr_per_layer.png"),
          f"speech-to-text retrieval, {n} pairs ({llm_name})", chance)
     print(table(mrr, selected, chance))
@@ -300,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "select_layers.py")
+    runtime.cli(main, "select_layers.py")

@@ -39,7 +39,7 @@ no update; the step still counts: its data is consumed and the schedule moves on
 the metrics); no checkpoint is written during a streak of them (a due one waits for the next finite step), and
 --max-bad-steps in a row stop the run with an error naming the last checkpoint, which is from before the streak.
 
-Resume (--resume). checkpoint.pt stores the training-relevant flags (training_record). A resume whose flags
+Resume (--resume). checkpoint.pt stores the training-relevant flags (runtime.training_record). A resume whose flags
 differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
 the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
 eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
@@ -71,39 +71,25 @@ The objective is an nn.Module (Objective below is stage 1's; joint_train.Joint e
     enable_gradient_checkpointing()
 """
 import argparse
-import copy
-import datetime
 import json
 import math
 import os
 import random
-import re
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import data
+import runtime
 
-CHECKPOINT, LAST, BEST, METRICS, ARGS = "checkpoint.pt", "last.safetensors", "best.safetensors", "metrics.jsonl", "args.json"
 
 
 # ----------------------------------------------------------------------------- flags
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every flag's default, also for flags defined without a
-    help text (argparse shows defaults only inside help texts)."""
-
-    def add_argument(self, action):
-        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"
-        super().add_argument(action)
 
 
 def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
@@ -239,36 +225,10 @@ class Objective(nn.Module):
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def init_distributed(timeout_minutes=60.0):
-    """-> (rank, world_size, device). Starts the process group when launched by torchrun (WORLD_SIZE > 1), with a
-    finite collective timeout (--dist-timeout): a dead or stuck rank ends the run with a message, not a hang."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return (dist.get_rank() if world > 1 else 0), world, device
 
 
-class DistError(data.UserError):
-    """A collective failed: another rank is stuck past --dist-timeout, or died."""
 
 
-def collective_failure(err, rank, timeout_minutes):
-    """A RuntimeError raised by a collective -> DistError with what it means, or None if it is something else.
-    gloo says 'Timed out waiting Nms' (this rank waited --dist-timeout for a peer) or 'Connection closed by peer'
-    (a peer died, e.g. after its own timeout or error); nccl's watchdog aborts the process by itself."""
-    text = str(err)
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
-        return DistError(f"rank {rank}: a collective did not complete within --dist-timeout {timeout_minutes:g} "
-                         f"minutes: another process is stuck or dead (see its output). ({text.strip()[:300]})")
-    if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
-        return DistError(f"rank {rank}: lost the connection to another process, which ended (see its output for "
-                         f"why). ({text.strip()[:300]})")
-    return None
 
 
 def batch_layout(args, world):
@@ -345,58 +305,16 @@ def apply_settings(opt, sched, args, step):
 
 # ----------------------------------------------------------------------------- what a resume may change
 
-# Flags that do not change what is trained (where and how often to write, how to run, what to do on errors).
-RESUME_IGNORED = frozenset({"output_dir", "resume", "resume_changes", "save_every", "log_every", "num_workers",
-                            "stop_after_steps", "gradient_checkpointing", "max_bad_steps", "skip_bad", "dist_timeout",
-                            "grad_accum"})
-# Flags a resumed run can never change: the data position, order and initialisation depend on them.
-RESUME_FIXED = frozenset({"seed", "batch_size", "train", "epoch_size", "align", "init"})
 
 
-def flag(name):
-    return "--" + name.replace("_", "-")
 
 
-def training_record(args, micro_batch):
-    """The training-relevant settings of this run, as stored in checkpoint.pt (JSON values): every flag except
-    RESUME_IGNORED, and the micro-batch size actually used."""
-    rec = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}, default=str))
-    rec["per_device_batch_size"] = micro_batch
-    return rec
 
 
-def record_changes(saved, new):
-    """[(flag name, checkpoint value, new value)] for the settings both records have and that differ."""
-    return [(k, saved[k], new[k]) for k in sorted(set(saved) & set(new)) if saved[k] != new[k]]
 
 
-def check_fixed(ck, args, sizes, path):
-    """Refuse a resume that changes what cannot change (RESUME_FIXED, the manifests' sizes)."""
-    saved = ck.get("record") or dict(batch_size=ck["batch_size"], seed=ck["seed"])  # older checkpoints
-    new = training_record(args, None)
-    fixed = [c for c in record_changes(saved, new) if c[0] in RESUME_FIXED]
-    if ck.get("sizes") is not None and list(ck["sizes"]) != list(sizes):
-        fixed.append(("train", f"{ck['sizes']} entries", f"{list(sizes)} entries"))
-    if fixed:
-        raise data.UserError(f"--resume: {path} cannot continue with these settings (the data position, order or "
-                             f"initialisation depend on them):\n" + "\n".join(
-                                 f"  {flag(k)}: checkpoint {old!r}, this run {new!r}" for k, old, new in fixed))
 
 
-def check_changes(ck, rec, args, path):
-    """-> the changed settings [(flag, old, new)] that --resume-changes apply takes over; with the default
-    (refuse) any change stops the run with the list."""
-    if "record" not in ck:
-        return []
-    changes = [c for c in record_changes(ck["record"], rec) if c[0] not in RESUME_FIXED]
-    if changes and args.resume_changes != "apply":
-        raise data.UserError(
-            f"--resume: this run's settings differ from those {path} was trained with:\n"
-            + "\n".join(f"  {flag(k)}: checkpoint {old!r}, this run {new!r}" for k, old, new in changes)
-            + "\nGive the checkpoint's values to continue that run unchanged, or --resume-changes apply to train with "
-              "the new ones from here on (schedule and optimizer follow them; args.json and metrics.jsonl record from "
-              "which step).")
-    return changes
 
 # ----------------------------------------------------------------------------- pieces of the loop
 
@@ -424,165 +342,30 @@ def micro_seed(seed, step, index):
     return random.Random(f"{seed}:{step}:{index}").getrandbits(63)
 
 
-def rng_state():
-    """This process's RNG states; for CUDA only the current device's (a resume may see another number of GPUs)."""
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]], python=random.getstate())
 
 
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    cuda = s.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; take this device's if saved
-        index = torch.cuda.current_device() if torch.cuda.is_available() else -1
-        cuda = cuda[index] if 0 <= index < len(cuda) else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)  # the current device
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def atomic(path, write):
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
-def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:  # hypotheses and prompts hold CJK text
-        f.write(text)
 
 
-def save_weights(model, path):
-    """model.save_trainable writes path and path.json; both atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    model.save_trainable(tmp)
-    os.replace(tmp + ".json", path + ".json")
-    os.replace(tmp, path)
 
 
-def clean_temporaries(folder, names):
-    """Remove what killed saves leave in `folder`: `<name>.tmp<pid>` (and its .json) for the given file names
-    (atomic, save_weights), and safetensors' own hidden `.tmpXXXXXX` files (it writes beside the target and
-    renames) when they hold a safetensors file or less than its header. Returns the removed names."""
-    ours = re.compile(r"^(?:%s)(?:\.json)?\.tmp\d+(?:\.json)?$" % "|".join(re.escape(n) for n in names))
-    removed = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        if not ours.match(name):
-            if not re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name):
-                continue
-            with open(path, "rb") as f:
-                head = f.read(9)
-            if len(head) == 9 and head[8:9] != b"{":  # not a safetensors header (8-byte length, then JSON)
-                continue
-        os.remove(path)
-        removed.append(name)
-    return removed
 
 
-def all_reduce(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
 
 
-def all_gather_objects(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
-GRAD_BUCKET = 1 << 25  # values per gradient all-reduce: the flat copy is at most 128 MiB of fp32 at any time
 
 
-def sync_gradients(params, world, n, bucket_elements=GRAD_BUCKET):
-    """Gradient of the step = (sum over ranks of this rank's summed micro-batch gradients) / n, with n the number of
-    non-empty micro-batches of the whole step. One all-reduce per bucket of <= bucket_elements values (per dtype);
-    a parameter without a gradient on this rank (no micro-batch here had readable audio) contributes zeros."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    if world > 1:
-        by_dtype = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for group in by_dtype.values():
-            bucket, size = [], 0
-            for g in group + [None]:
-                if g is None or (bucket and size + g.numel() > bucket_elements):
-                    flat = torch.cat([x.reshape(-1) for x in bucket])
-                    dist.all_reduce(flat)
-                    offset = 0
-                    for x in bucket:
-                        x.copy_(flat[offset:offset + x.numel()].view_as(x))
-                        offset += x.numel()
-                    bucket, size = [], 0
-                if g is not None:
-                    bucket.append(g)
-                    size += g.numel()
-    for g in grads:
-        g.div_(n)
 
 
-def broadcast_parameters(params, world):
-    """Rank 0's trainable parameters on every rank (they are equal by construction; this makes sure)."""
-    if world > 1:
-        for p in params:
-            dist.broadcast(p.data, 0)
 
 
-def max_rank_divergence(params, world):
-    """max |p - p_on_rank_0| over the trainable parameters and ranks (0.0 when the replicas are equal)."""
-    if world == 1:
-        return 0.0
-    flat = torch.cat([p.detach().float().flatten() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
 
 
-class Metrics:
-    """metrics.jsonl writer (rank 0). On --resume, rows past the checkpoint's step (from the killed run) are dropped,
-    and so is a last line cut short by a kill; a fresh run starts the file anew."""
-
-    def __init__(self, folder, rank, resume_step=None):
-        self.path, self.rank = os.path.join(folder, METRICS), rank
-        if rank == 0 and os.path.exists(self.path):
-            keep = []
-            if resume_step is not None:
-                with open(self.path) as f:
-                    lines = [(n, l) for n, l in enumerate(f, 1) if l.strip()]
-                for i, (n, line) in enumerate(lines):
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        if i == len(lines) - 1:  # the half-written last row of a killed run
-                            print(f"--resume: {self.path}: line {n} is cut short (a kill while writing): dropped")
-                            continue
-                        raise data.UserError(f"{self.path}: line {n}: invalid JSON ({e.msg}); fix or remove that "
-                                             f"line to resume") from None
-                    if row.get("step", 0) <= resume_step:
-                        keep.append(json.dumps(row) + "\n")
-            atomic(self.path, lambda p: write_text(p, "".join(keep)))
-
-    def write(self, row):
-        """Append one row; non-finite numbers become null (strict JSON)."""
-        if self.rank == 0:
-            row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 COUNTS = ("bad_audio", "truncated")  # per-batch counts of data.Collator, summed over workers, ranks and steps
@@ -605,15 +388,12 @@ def validate(model, loader, world, autocast):
         n = out["n_tokens"].double().cpu()
         tot[:3] += torch.stack([out["loss"].double().cpu() * n, out["n_correct"].double().cpu(), n])
     model.train()
-    tot = all_reduce(tot.to(_reduce_device(model)), world).cpu()
+    tot = runtime.all_reduce(tot.to(runtime.reduce_device(model)), world).cpu()
     res = dict(loss=(tot[0] / tot[2]).item(), acc=(tot[1] / tot[2]).item(), n_tokens=int(tot[2]))
     res.update({f"n_{c}": int(v) for c, v in zip(COUNTS, tot[3:].tolist())})
     return res
 
 
-def _reduce_device(model):
-    """nccl reduces CUDA tensors only; gloo CPU ones."""
-    return next(model.parameters()).device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -645,7 +425,7 @@ def train_step(model, opt, params, micro, step, args, rank, world, autocast):
         used += 1
         for key, v in out.items():
             sums[key] = sums.get(key, 0.0) + v.detach().double().item()
-    parts = all_gather_objects((used, sums, counts), world)  # summed in rank order: identical on every rank
+    parts = runtime.all_gather_objects((used, sums, counts), world)  # summed in rank order: identical on every rank
     n = sum(p[0] for p in parts)
     logs = {f"n_{c}": sum(p[2].get(c, 0) for p in parts) for c in COUNTS}
     if n == 0:
@@ -655,7 +435,7 @@ def train_step(model, opt, params, micro, step, args, rank, world, autocast):
     for key in keys:
         total = sum(p[1].get(key, 0.0) for p in parts)
         logs[key] = total if key.startswith("n_") else total / n
-    sync_gradients(params, world, n)
+    runtime.sync_gradients(params, world, n)
     grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     logs["grad_norm"] = grad_norm.item()  # the same on every rank: the gradients are
     logs["skipped"] = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
@@ -685,12 +465,12 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
     bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
     Returns a summary dict (step, bad_steps, best validation, ...)."""
     timeout = getattr(args, "dist_timeout", 60.0)
-    rank, world, device = init_distributed(timeout)
+    rank, world, device = runtime.init_distributed(timeout)
     try:
         return _train(args, model, train_set, collate, sizes or [len(train_set)], weights or [1.0],
                       epoch_size, dev_set, rank, world, device, bad_lines)
     except RuntimeError as e:
-        failure = collective_failure(e, rank, timeout) if world > 1 else None
+        failure = runtime.collective_failure(e, rank, timeout) if world > 1 else None
         if failure is None:
             raise
         raise failure from None
@@ -699,16 +479,8 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
             dist.destroy_process_group()
 
 
-OWN_FILES = (CHECKPOINT, LAST, BEST, METRICS, ARGS)
 
 
-def _read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, ...: say which file
-        raise data.UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}); it is "
-                             f"damaged or not a checkpoint of train.py (this code writes it atomically, so a kill does "
-                             f"not do that: was it copied or edited?)") from None
 
 
 def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device, bad_lines):
@@ -718,24 +490,24 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     if sum(sizes) != len(train_set):
         raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    ckpt_path = os.path.join(out_dir, runtime.CHECKPOINT)
     if os.path.exists(ckpt_path) and not args.resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --output-dir")
     if rank == 0:
-        removed = clean_temporaries(out_dir, OWN_FILES)
+        removed = runtime.clean_temporaries(out_dir, runtime.OWN_FILES)
         if removed:
             say(f"removed {len(removed)} temporary file(s) left by a killed save in {out_dir}: {', '.join(removed)}")
 
     resumed = args.resume and os.path.exists(ckpt_path)
-    ck = _read_checkpoint(ckpt_path) if resumed else None
+    ck = runtime.read_checkpoint(ckpt_path) if resumed else None
     if ck is not None:
-        check_fixed(ck, args, sizes, ckpt_path)
+        runtime.check_fixed(ck, args, sizes, ckpt_path)
     if ck is not None and "micro_batch" in ck:
         b, k = resume_layout(args, world, ck, ckpt_path)
     else:
         b, k = batch_layout(args, world)
-    rec = training_record(args, b)
-    changes = check_changes(ck, rec, args, ckpt_path) if ck is not None else []
+    rec = runtime.training_record(args, b)
+    changes = runtime.check_changes(ck, rec, args, ckpt_path) if ck is not None else []
     history = list(ck.get("history", [])) if ck is not None else []
 
     model.to(device).train()
@@ -747,13 +519,13 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
               since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS})
     layout_note = None
     if ck is not None:
-        _load_checkpoint(ck, ckpt_path, model, opt, sched, st, rank, world)
+        runtime.load_checkpoint(ck, ckpt_path, model, opt, sched, st, rank, world)
         say(f"resumed {ckpt_path} at step {st['step']} (epoch {st['epoch']}, step {st['step_in_epoch']} of it)")
         if changes:
             apply_settings(opt, sched, args, st["step"])
             history.append(dict(step=st["step"], changes={k_: dict(old=o, new=n) for k_, o, n in changes}))
             say(f"--resume-changes apply: from step {st['step']} on " + ", ".join(
-                f"{flag(k_)} {n!r} (was {o!r})" for k_, o, n in changes))
+                f"{runtime.flag(k_)} {n!r} (was {o!r})" for k_, o, n in changes))
         if (ck["world_size"], ck.get("grad_accum", k)) != (world, k):
             layout_note = dict(world_size=[ck["world_size"], world], grad_accum=[ck.get("grad_accum"), k],
                                per_device_batch_size=b)
@@ -766,13 +538,13 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     if rank == 0:
         record = dict(vars(args), layout=dict(per_device_batch_size=b, grad_accum=k, world_size=world),
                       resume_history=history)
-        atomic(os.path.join(out_dir, ARGS), lambda p: write_text(p, json.dumps(record, indent=1, default=str)))
-    metrics = Metrics(out_dir, rank, st["step"] if resumed else None)
+        runtime.atomic(os.path.join(out_dir, runtime.ARGS), lambda p: runtime.write_text(p, json.dumps(record, indent=1, default=str)))
+    metrics = runtime.Metrics(out_dir, rank, st["step"] if resumed else None)
     if changes or layout_note:
         metrics.write(dict(event="resume", step=st["step"], changes=history[-1]["changes"] if changes else {},
                            **(layout_note or {})))
 
-    broadcast_parameters(params, world)
+    runtime.broadcast_parameters(params, world)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     dev_loader = None
@@ -840,7 +612,7 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
                 validated_at = st["step"]
             if st["step"] % args.save_every == 0 or pending_save:
                 if st["bad_in_row"] == 0:
-                    _save(model, opt, sched, st, args, rank, world, meta)
+                    runtime.save_checkpoint(model, opt, sched, st, args, rank, world, meta)
                     saved_at, pending_save = st["step"], False
                 else:  # the weights are those of the streak's start, but this position may never be good again
                     pending_save = True
@@ -856,21 +628,21 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
         _validate_and_keep_best(model, dev_loader, world, autocast, st, args, metrics, say, rank)
     if saved_at != st["step"]:
         if st["bad_in_row"] == 0:
-            _save(model, opt, sched, st, args, rank, world, meta)
+            runtime.save_checkpoint(model, opt, sched, st, args, rank, world, meta)
         else:
             say(f"not saving at the end: the last {st['bad_in_row']} steps were non-finite; the last checkpoint "
                 f"is from step {saved_at}")
     end = dict(st, event="end", stopped=stop or "max_steps", bad_lines=bad_lines,
-               max_param_diff_across_ranks=max_rank_divergence(params, world))
+               max_param_diff_across_ranks=runtime.max_rank_divergence(params, world))
     metrics.write(end)
     if rank == 0:
-        clean_temporaries(out_dir, OWN_FILES)
+        runtime.clean_temporaries(out_dir, runtime.OWN_FILES)
     c = st["counts"]
     say(f"done at step {st['step']} ({end['stopped']}); {st['bad_steps']} skipped steps; data: {bad_lines} bad "
         f"manifest line(s) skipped, {c['bad_audio']} unreadable clip read(s) skipped, {c['truncated']} clip(s) cut "
         f"to Whisper's window" + (f", {st['empty_steps']} step(s) without any readable clip" if st["empty_steps"]
-                                   else "") + f"; weights in {os.path.join(out_dir, LAST)}"
-        + (f", best (acc {st['best_acc']:.4f} at step {st['best_step']}) in {os.path.join(out_dir, BEST)}"
+                                   else "") + f"; weights in {os.path.join(out_dir, runtime.LAST)}"
+        + (f", best (acc {st['best_acc']:.4f} at step {st['best_step']}) in {os.path.join(out_dir, runtime.BEST)}"
            if st["best_acc"] is not None else ""))
     return end
 
@@ -886,7 +658,7 @@ def _validate_and_keep_best(model, loader, world, autocast, st, args, metrics, s
     if st["best_acc"] is None or res["acc"] > st["best_acc"]:
         st.update(best_acc=res["acc"], best_step=st["step"], since_best=0)
         if rank == 0:
-            save_weights(model, os.path.join(args.output_dir, BEST))
+            runtime.save_weights(model, os.path.join(args.output_dir, runtime.BEST))
     else:
         st["since_best"] += 1
     metrics.write(dict(split="dev", step=st["step"], **res, best_acc=st["best_acc"], since_best=st["since_best"]))
@@ -898,60 +670,14 @@ def _validate_and_keep_best(model, loader, world, autocast, st, args, metrics, s
     return None
 
 
-def _save(model, opt, sched, st, args, rank, world, meta):
-    """checkpoint.pt (everything --resume needs; RNG states of every rank; the training record) and
-    last.safetensors, atomically."""
-    rng = all_gather_objects(rng_state(), world)
-    if rank == 0:
-        state = dict(model={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=copy.deepcopy(st), rng=rng,
-                     world_size=world, batch_size=args.batch_size, seed=args.seed, **meta)
-        save_weights(model, os.path.join(args.output_dir, LAST))
-        atomic(os.path.join(args.output_dir, CHECKPOINT), lambda p: torch.save(state, p))
-    if world > 1:
-        dist.barrier()
 
 
-def _load_checkpoint(ck, path, model, opt, sched, st, rank, world):
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(own) != set(ck["model"]):
-        raise data.UserError(f"--resume: {path} holds other trainable parameters than this model "
-                             f"(missing {sorted(set(own) - set(ck['model']))[:3]}, "
-                             f"unexpected {sorted(set(ck['model']) - set(own))[:3]}): were the model flags changed?")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(ck["model"][n])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    st.update(ck["state"])
-    if ck["world_size"] == world:
-        set_rng_state(ck["rng"][rank])
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-USER_ERRORS = (data.UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
 
-def user_message(err):
-    """The message of a user error; one raised in a DataLoader worker arrives wrapped by torch ("Caught X in
-    DataLoader worker process N. Original Traceback ...": its last line is the original message)."""
-    text = str(err)
-    if "\nOriginal Traceback" in text:
-        last = [l for l in text.splitlines() if l.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
-    return text
 
 
-def cli(main, script=None):
-    """Run a script's main() as a command: a user error (USER_ERRORS: a bad manifest, flag, path or checkpoint,
-    a divergence stop, a failed collective) prints `<script>: error: <message>` on stderr, alone (under torchrun
-    with the rank), and exits with status 1; any other exception is a bug and keeps its traceback."""
-    script = script or os.path.basename(sys.argv[0])
-    try:
-        main()
-    except USER_ERRORS as e:
-        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        print(f"{script}: error: {f'[rank {rank}] ' if rank else ''}{user_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)

@@ -1,5 +1,5 @@
 """User errors of every stage script: one line `<script>.py: error: <message>` naming the file, line or flag, no
-traceback (train.cli); bugs keep their traceback (issue 11.10)."""
+traceback (runtime.cli); bugs keep their traceback (issue 11.10)."""
 import os
 import subprocess
 import sys
@@ -9,16 +9,16 @@ import pytest
 import joint_train
 import pretrain
 import select_layers
-import train
+import runtime
 from conftest import save_fresh_lsm
 from test_train import RUN_FLAGS, ROOT, ST_ROWS, one_thread, tiny_flags, write_manifest  # noqa: F401 (fixture)
 
 
 def cli_error(capsys, main, script):
-    """Run main through train.cli -> the stderr it printed (asserting exit status 1 and no traceback)."""
+    """Run main through runtime.cli -> the stderr it printed (asserting exit status 1 and no traceback)."""
     capsys.readouterr()  # drop what ran before
     with pytest.raises(SystemExit) as e:
-        train.cli(main, script)
+        runtime.cli(main, script)
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err, err
     assert err.startswith(f"{script}: error: "), err
@@ -107,9 +107,9 @@ def test_bugs_keep_their_traceback():
     def bug():
         raise RuntimeError("an internal error")
     with pytest.raises(RuntimeError, match="an internal error"):
-        train.cli(bug, "x.py")
+        runtime.cli(bug, "x.py")
     with pytest.raises(KeyError):
-        train.cli(lambda: {}["missing"], "x.py")
+        runtime.cli(lambda: {}["missing"], "x.py")
 
 
 def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):

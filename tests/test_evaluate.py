@@ -18,7 +18,7 @@ import torch
 import data
 import evaluate as E
 import ot
-import train
+import runtime
 from conftest import TINY_QFORMER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -854,12 +854,12 @@ def test_a_rank_slower_than_the_timeout_does_not_end_a_finished_evaluation(train
 
 def test_temporaries_of_a_killed_evaluation_are_its_own_files_only(tmp_path):
     """A kill during write_atomic leaves `<file>.tmp<pid>` beside hyps.*.jsonl / metrics.json; run() removes those
-    (train.clean_temporaries with evaluate.OWN_FILES) and nothing else of the folder."""
+    (runtime.clean_temporaries with evaluate.OWN_FILES) and nothing else of the folder."""
     left = ["hyps.st.jsonl.tmp123", "hyps.mt.jsonl.tmp7", "metrics.json.tmp4242"]
     kept = ["hyps.st.jsonl", "metrics.json", "notes.tmp1", "metrics.json.bak"]
     for name in left + kept:
         (tmp_path / name).write_text("x", encoding="utf-8")
-    assert sorted(train.clean_temporaries(str(tmp_path), E.OWN_FILES)) == sorted(left)
+    assert sorted(runtime.clean_temporaries(str(tmp_path), E.OWN_FILES)) == sorted(left)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
     E.write_atomic(str(tmp_path / "metrics.json"), '{"bleu": "繁"}')  # UTF-8 whatever the locale
     assert (tmp_path / "metrics.json").read_text(encoding="utf-8") == '{"bleu": "繁"}'

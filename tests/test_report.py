@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny
+import runtime
 import train
 
 
@@ -169,7 +170,7 @@ def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
     assert tot["sync_bytes"] == 0  # one process: no all-reduce
     eight = report.totals(parts, processes=8)  # tiny model: the whole gradient fits one 2^25-value bucket
     assert eight["sync_bytes"] == tot["grad_bytes"] and eight["static_bytes"] == tot["static_bytes"] + tot["grad_bytes"]
-    big = dict(parts, llm=dict(parts["llm"], grad_bytes=10 * 4 * train.GRAD_BUCKET))  # a CTC-sized gradient
+    big = dict(parts, llm=dict(parts["llm"], grad_bytes=10 * 4 * runtime.GRAD_BUCKET))  # a CTC-sized gradient
     assert report.totals(big, processes=8)["sync_bytes"] == 4 * (1 << 25)  # capped at one bucket: 128 MiB
 
 

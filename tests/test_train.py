@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import pretrain
+import runtime
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -404,7 +405,7 @@ def test_resume_cleans_temporaries_and_reads_a_cut_metrics_line(tmp_path):
     assert set(os.listdir(out)) & set(orphans) == set() and set(kept) <= set(os.listdir(out))
     ra, rb = metrics(tmp_path / "a"), metrics(out)
     assert [r.get("loss") for r in ra] == [r.get("loss") for r in rb]
-    assert train.clean_temporaries(out, train.OWN_FILES) == []
+    assert runtime.clean_temporaries(out, runtime.OWN_FILES) == []
     ck = out / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:1000])  # truncated
     with pytest.raises(train.data.UserError, match=r"--resume: cannot read .*checkpoint\.pt"):
@@ -412,16 +413,16 @@ def test_resume_cleans_temporaries_and_reads_a_cut_metrics_line(tmp_path):
     with open(out / "metrics.jsonl", "w") as f:
         f.write('{"step": 1}\n{"step": 2, oops\n{"step": 3}\n')  # damaged inside: say where
     with pytest.raises(train.data.UserError, match=r"metrics.jsonl: line 2: invalid JSON"):
-        train.Metrics(str(out), 0, 3)
+        runtime.Metrics(str(out), 0, 3)
 
 
 def test_cuda_rng_state_is_the_current_device_only(monkeypatch):
     """Issue 12 (another GPU layout): only the current device's CUDA RNG state is saved and restored; a checkpoint
     of the old format (every visible GPU's state) restores this device's state if it has one, else none, and a
     machine without a GPU ignores it (the old code raised IndexError with fewer GPUs per process)."""
-    s = train.rng_state()
+    s = runtime.rng_state()
     assert s["cuda"] is None  # no GPU here
-    train.set_rng_state(dict(s, cuda=torch.zeros(16, dtype=torch.uint8)))  # a GPU run's state, resumed on a CPU
+    runtime.set_rng_state(dict(s, cuda=torch.zeros(16, dtype=torch.uint8)))  # a GPU run's state, resumed on a CPU
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
@@ -429,12 +430,12 @@ def test_cuda_rng_state_is_the_current_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("get_rng_state_all"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(state))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("set_rng_state_all"))
-    saved = train.rng_state()
+    saved = runtime.rng_state()
     assert torch.equal(saved["cuda"], torch.full((4,), 7, dtype=torch.uint8))  # one tensor, not a list
-    train.set_rng_state(saved)
+    runtime.set_rng_state(saved)
     old = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # 8 GPUs visible when saved
-    train.set_rng_state(dict(saved, cuda=old))
-    train.set_rng_state(dict(saved, cuda=old[:1]))  # 1 GPU visible then, device 3 now: nothing to restore
+    runtime.set_rng_state(dict(saved, cuda=old))
+    runtime.set_rng_state(dict(saved, cuda=old[:1]))  # 1 GPU visible then, device 3 now: nothing to restore
     assert [c.tolist() for c in calls] == [[7] * 4, [3] * 4]
 
 
