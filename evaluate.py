@@ -1072,8 +1072,7 @@ def run(args):
         out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
                                                   os.path.splitext(os.path.basename(args.manifest))[0])
     modes = [m for m in args.mode if m != "none"]
-    rank, world, device = runtime.init_distributed(args.dist_timeout)  # nccl on GPUs, gloo on CPUs
-    try:
+    with runtime.process_group(args.dist_timeout) as (rank, world, device):  # nccl on GPUs, gloo on CPUs
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             if rank == 0:
@@ -1098,14 +1097,6 @@ def run(args):
             del lsm
             base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
             base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
-    except RuntimeError as e:
-        failure = runtime.collective_failure(e, rank, args.dist_timeout) if world > 1 else None
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
     if rank != 0:
         return None
     if args.audio:

@@ -4,6 +4,7 @@ and checkpoints with the record of what a resume may change. train.py and evalua
 it is in the paper, so a reader of the method can skip this file.
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -79,6 +80,24 @@ def init_distributed(timeout_minutes=60.0):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank() if world > 1 else 0), world, device
+
+
+@contextlib.contextmanager
+def process_group(timeout_minutes=60.0):
+    """with process_group(--dist-timeout) as (rank, world, device): the body runs inside the process group
+    (init_distributed); a collective that fails in it ends the run with a DistError saying what it means, and the
+    group is destroyed on the way out."""
+    rank, world, device = init_distributed(timeout_minutes)
+    try:
+        yield rank, world, device
+    except RuntimeError as e:
+        failure = collective_failure(e, rank, timeout_minutes) if world > 1 else None
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class DistError(data.UserError):

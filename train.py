@@ -78,7 +78,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
@@ -464,19 +463,9 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
     concatenation of sources with `sizes`, mixed with `weights`; default: one source, weight 1).
     bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
     Returns a summary dict (step, bad_steps, best validation, ...)."""
-    timeout = getattr(args, "dist_timeout", 60.0)
-    rank, world, device = runtime.init_distributed(timeout)
-    try:
+    with runtime.process_group(getattr(args, "dist_timeout", 60.0)) as (rank, world, device):
         return _train(args, model, train_set, collate, sizes or [len(train_set)], weights or [1.0],
                       epoch_size, dev_set, rank, world, device, bad_lines)
-    except RuntimeError as e:
-        failure = runtime.collective_failure(e, rank, timeout) if world > 1 else None
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 
