@@ -727,6 +727,23 @@ def at_least(minimum, cast):
     return parse
 
 
+def audiocaps_pattern(text):
+    """argparse type: a clip file name pattern whose placeholders are AudioCaps csv columns."""
+    try:
+        text.format(audiocap_id=0, youtube_id="x", start_time=0, caption="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: bad placeholder {e}; use {{audiocap_id}} {{youtube_id}} "
+                                         f"{{start_time}}")
+    return text
+
+
+def extension(text):
+    """argparse type: a file extension with its dot (.flac), so that <id><ext> is a file name."""
+    if not re.fullmatch(r"\.\w+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an extension with its dot, such as .flac")
+    return text
+
+
 def existing_file(text):
     """argparse type: a path to an existing file, checked at parse time."""
     if not os.path.isfile(text):
@@ -787,7 +804,7 @@ def build_parser():
     s = command("audiocaps", audiocaps, "AudioCaps csv -> aac manifest")
     s.add_argument("csv_path", metavar="CSV", help="train.csv / val.csv / test.csv")
     s.add_argument("--audio-dir", help="folder with the downloaded clips (default: the csv's folder)")
-    s.add_argument("--audio-pattern", nargs="+", default=list(AUDIOCAPS_PATTERNS),
+    s.add_argument("--audio-pattern", nargs="+", type=audiocaps_pattern, default=list(AUDIOCAPS_PATTERNS),
                    help="clip file names to try, filled from the csv columns {audiocap_id} {youtube_id} "
                         f"{{start_time}} (default: {' '.join(AUDIOCAPS_PATTERNS)})")
     s.add_argument("--output", required=True, help="manifest path (.jsonl)")
@@ -800,7 +817,8 @@ def build_parser():
     s = command("wavcaps", wavcaps, "one WavCaps json file -> aac manifest (clips over 180 s dropped)")
     s.add_argument("json_path", metavar="JSON", help="as_final.json, bbc_final.json, fsd_final.json or sb_final.json")
     s.add_argument("--audio-dir", help="folder with that source's clips (default: the JSON's folder)")
-    s.add_argument("--audio-ext", nargs="+", default=[".flac", ".wav"], help="extensions to try (default: .flac .wav)")
+    s.add_argument("--audio-ext", nargs="+", type=extension, default=[".flac", ".wav"],
+                   help="extensions to try (default: .flac .wav)")
     s.add_argument("--max-seconds", type=at_least(0, float), default=WAVCAPS_MAX_SECONDS,
                    help="drop longer clips; 0 keeps all (default: 180, as the paper)")
     s.add_argument("--blacklist", metavar="JSON", type=existing_file,

@@ -537,6 +537,8 @@ def test_cli(tmp_path, capsys):
     (["librispeech", "x", "--output", "o", "--case", "title"], "--case"),
     (["wavcaps", "w.json", "--output", "o", "--max-seconds", "-1"], "--max-seconds"),
     (["wavcaps", "w.json", "--output", "o", "--blacklist", "no_such_blacklist.json"], "--blacklist"),
+    (["wavcaps", "w.json", "--output", "o", "--audio-ext", "flac"], "--audio-ext"),
+    (["audiocaps", "t.csv", "--output", "o", "--audio-pattern", "{video}.wav"], "--audio-pattern"),
 ])
 def test_cli_checks_flags_at_parse_time(argv, flag, capsys):
     """A bad flag value stops before any file is read, with argparse's one line naming the flag."""
