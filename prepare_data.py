@@ -318,8 +318,8 @@ def print_audio_counts(name, statuses):
 # CoVoST 2 (En -> X speech translation)
 # ---------------------------------------------------------------------------------------------------------
 
-# get_covost_splits.py keeps these labels and leaves every other row out (the X->En tsvs also carry dev_covost,
-# test_covost, dev_dup, test_dup); such rows are dropped here as `unused_split` and counted per label.
+# get_covost_splits.py keeps these labels and leaves every other row out (dev_covost, test_covost, dev_dup and
+# test_dup are reported in the X->En tsvs); such rows are dropped here as `unused_split` and counted per label.
 COVOST_SPLITS = {"train": "train", "train_covost": "train", "dev": "dev", "test": "test"}
 COVOST_OFFICIAL_ROWS = {"train": 289_430, "dev": 15_531, "test": 15_531}  # the same for every En->X pair
 COVOST_TSV = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # as the official script's pandas
@@ -720,7 +720,7 @@ def at_least(minimum, cast):
     """argparse type: a number of type `cast` that is >= minimum, checked at parse time."""
     def parse(text):
         value = cast(text)  # a ValueError becomes argparse's "invalid <cast> value"
-        if value < minimum:
+        if not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
     parse.__name__ = cast.__name__

@@ -536,6 +536,7 @@ def test_cli(tmp_path, capsys):
     (["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o", "--punctuation", "strip"], "--punctuation"),
     (["librispeech", "x", "--output", "o", "--case", "title"], "--case"),
     (["wavcaps", "w.json", "--output", "o", "--max-seconds", "-1"], "--max-seconds"),
+    (["wavcaps", "w.json", "--output", "o", "--max-seconds", "nan"], "--max-seconds"),
     (["wavcaps", "w.json", "--output", "o", "--blacklist", "no_such_blacklist.json"], "--blacklist"),
     (["wavcaps", "w.json", "--output", "o", "--audio-ext", "flac"], "--audio-ext"),
     (["audiocaps", "t.csv", "--output", "o", "--audio-pattern", "{video}.wav"], "--audio-pattern"),
