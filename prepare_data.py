@@ -4,6 +4,7 @@ Convert corpora you have already downloaded into AI-STA manifests. Nothing is do
     python prepare_data.py covost      covost_v2.en_zh-CN.tsv covost_v2.en_ja.tsv --cv-dir cv4/en --output data/covost
     python prepare_data.py librispeech LibriSpeech/train-clean-100 LibriSpeech/train-clean-360 \
                                        LibriSpeech/train-other-500 --output data/librispeech_train.jsonl
+    python prepare_data.py librispeech LibriSpeech/test-clean --output data/librispeech_test_clean.jsonl
     python prepare_data.py gigaspeech  GigaSpeech/GigaSpeech.json --subset M --segments-dir gigaspeech_m_flac \
                                        --output data/gigaspeech_m.jsonl
     python prepare_data.py audiocaps   audiocaps/train.csv --audio-dir audiocaps/train_wav \
@@ -13,7 +14,11 @@ Convert corpora you have already downloaded into AI-STA manifests. Nothing is do
                                        --output data/wavcaps_fsd.jsonl
 
 Paper section 5.1: stage 1 uses LibriSpeech 960 h + GigaSpeech M (ASR), WavCaps without clips over 180 s,
-AudioCaps and Clotho (audio captioning); stage 3 uses CoVoST 2 En->Zh and En->Ja (speech translation).
+AudioCaps and Clotho (audio captioning); stage 2 LibriSpeech test-clean; stage 3 CoVoST 2 En->Zh and En->Ja
+(speech translation). docs/data.md has the whole sequence of commands, each corpus's size and access, and
+the text conventions with their sources: CoVoST splits as get_covost_splits.py makes them; ASR transcripts in
+sentence case without punctuation, as SALMONN's example training data; GigaSpeech utterances holding garbage
+tags dropped, as its README says; the WavCaps blacklist an option, off by default.
 
 Manifest format (README, "Manifests"): JSON lines, one utterance per line, always these six keys in this order
     {"id", "audio", "task": "asr"|"aac"|"st", "text", "translation", "tgt_lang"}
@@ -71,8 +76,9 @@ class Report:
     manifests never hold ambiguous ids whatever the input does.
     """
 
-    def __init__(self, name):
+    def __init__(self, name, conventions=""):
         self.name = name
+        self.conventions = conventions  # printed with the summary, e.g. "case sentence, punctuation drop"
         self.kept = {}      # manifest path -> list of entries, in input order
         self.dropped = []   # (source, line, id, reason, detail)
         self._ids = set()
@@ -103,7 +109,7 @@ class Report:
         write_tsv(dropped_tsv, ["source", "line", "id", "reason", "detail"], self.dropped)
         reasons = Counter(d[3] for d in self.dropped)
 
-        print(f"{self.name}: summary")
+        print(f"{self.name}: summary" + (f" ({self.conventions})" if self.conventions else ""))
         for manifest, n in written.items():
             official = (expected or {}).get(manifest)
             note = f"  (official: {official:,})" if official is not None else ""
@@ -151,16 +157,21 @@ def dropped_path(output):
     return output.with_name(output.stem + ".dropped.tsv")
 
 
-def recase(text, case):
-    """--case keep|lower|sentence.
+CASES = ("sentence", "keep", "lower")
 
-    keep:     unchanged (LibriSpeech and GigaSpeech are upper case; SALMONN trains on them as they are).
-    lower:    all lower case.
+
+def recase(text, case):
+    """--case sentence|keep|lower, for the upper-case ASR corpora (LibriSpeech, GigaSpeech).
+
     sentence: lower case, then upper-case the first letter of the text and of each word after . ? !,
               and the pronoun "I" (also in I'm, I'll, I've, I'd). Names stay lower case: no truecaser here.
+              SALMONN's example training data (data/example_data.json) has LibriSpeech in this form,
+              "Chapter one missus rachel lynde is surprised ...", and it matches CoVoST's normal-case text.
+    keep:     unchanged (upper case).
+    lower:    all lower case.
     """
-    if case not in ("keep", "lower", "sentence"):
-        raise DataError(f"--case must be keep, lower or sentence, got {case!r}")
+    if case not in CASES:
+        raise DataError(f"--case must be one of {', '.join(CASES)}, got {case!r}")
     if case == "keep":
         return text
     text = text.lower()
@@ -307,6 +318,8 @@ def print_audio_counts(name, statuses):
 # CoVoST 2 (En -> X speech translation)
 # ---------------------------------------------------------------------------------------------------------
 
+# get_covost_splits.py keeps these labels and leaves every other row out (dev_covost, test_covost, dev_dup and
+# test_dup are reported in the X->En tsvs); such rows are dropped here as `unused_split` and counted per label.
 COVOST_SPLITS = {"train": "train", "train_covost": "train", "dev": "dev", "test": "test"}
 COVOST_OFFICIAL_ROWS = {"train": 289_430, "dev": 15_531, "test": 15_531}  # the same for every En->X pair
 COVOST_TSV = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")  # as the official script's pandas
@@ -327,7 +340,8 @@ def covost(tsvs, cv_dir, output, convert_flac=None, workers=1, relative_paths=Fa
 
     As the official get_covost_splits.py: the CoVoST tsv (path, translation, split) is inner-joined on
     `path` with Common Voice v4 validated.tsv (path, sentence), and the transcript comes from
-    validated.tsv; train = splits train + train_covost. Beyond the official script, rows are dropped (and
+    validated.tsv; train = splits train + train_covost, and rows with any other split label are left out
+    (here: dropped as `unused_split`, counted per label). Beyond the official script, rows are dropped (and
     listed) when the clip is missing from clips/ or the sentence or translation is empty. Audio points at
     clips/<path> (48 kHz MP3) unless --convert-flac DIR writes DIR/<clip>.flac at 16 kHz (one file per clip,
     shared by all target languages).
@@ -348,20 +362,22 @@ def covost(tsvs, cv_dir, output, convert_flac=None, workers=1, relative_paths=Fa
     langs = {tsv: covost_target(tsv) for tsv in tsvs}  # fail on a wrong file before the long reads
     rows = []  # (manifest, entry, tsv, line, clip name) for every row that passes the checks
     manifests = []
+    unused = Counter()  # split label -> rows left out, as get_covost_splits.py leaves them out
     for tsv, lang in langs.items():
         names = {s: output / f"covost2.en-{lang}.{s}.jsonl" for s in COVOST_OFFICIAL_ROWS}
         manifests += list(names.values())
         for line, row in read_table(tsv, ["path", "translation", "split"], **COVOST_TSV):
             clip = row["path"].strip()
             uid = f"{Path(clip).stem}-{lang}"
-            if row["split"] not in COVOST_SPLITS:
-                raise DataError(f"{tsv}:{line}: unknown split {row['split']!r}, "
-                                f"expected one of {sorted(COVOST_SPLITS)}")
-            split = COVOST_SPLITS[row["split"]]
+            split = COVOST_SPLITS.get(row["split"])
             sentence = sentences.get(clip)
             translation = row["translation"].strip()
             where = f"split={row['split']}"
-            if sentence is None:
+            if split is None:
+                unused[row["split"]] += 1
+                report.drop(tsv, line, uid, "unused_split", f"{where}; get_covost_splits.py keeps only "
+                                                             f"{', '.join(COVOST_SPLITS)}")
+            elif sentence is None:
                 report.drop(tsv, line, uid, "not_in_validated", f"{where}; {clip} not in {validated_tsv}")
             elif clip not in present:
                 report.drop(tsv, line, uid, "missing_audio", f"{where}; {clips / clip} not found")
@@ -389,20 +405,26 @@ def covost(tsvs, cv_dir, output, convert_flac=None, workers=1, relative_paths=Fa
         report.keep(manifest, entry, tsv, line)
 
     expected = {str(m): COVOST_OFFICIAL_ROWS[m.name.split(".")[-2]] for m in manifests}
-    return report.finish(output / "dropped.tsv", relative_paths, manifests, expected)
+    summary = report.finish(output / "dropped.tsv", relative_paths, manifests, expected)
+    if unused:
+        print("  unused_split by label: " + ", ".join(f"{k} {n:,}" for k, n in unused.most_common()))
+    return dict(summary, unused_splits=dict(unused))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # LibriSpeech (ASR)
 # ---------------------------------------------------------------------------------------------------------
 
-def librispeech(folders, output, case="keep", relative_paths=False):
+def librispeech(folders, output, case="sentence", relative_paths=False):
     """LibriSpeech split folders (train-clean-100, test-clean, ...) -> one manifest (task asr).
 
     Layout: <folder>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt with lines "UTTID TEXT" and audio
     <folder>/<speaker>/<chapter>/<UTTID>.flac (16 kHz already). Pass several folders for the 960 h set.
+    Transcripts are upper case without punctuation; --case sentence (default) writes them as SALMONN's
+    example data has them.
     """
-    report = Report("librispeech")
+    recase("", case)  # a bad --case fails before the long walk
+    report = Report("librispeech", f"case {case}")
     for folder in folders:
         folder = Path(folder)
         transcripts = sorted(folder.glob("*/*/*.trans.txt"))
@@ -439,24 +461,28 @@ def librispeech(folders, output, case="keep", relative_paths=False):
 GIGA_PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
 GIGA_GARBAGE = {"<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>"}
 GIGA_SUBSETS = ("XS", "S", "M", "L", "XL", "DEV", "TEST")
+PUNCTUATION = ("drop", "keep")
 
 
-def gigaspeech_text(text_tn):
+def gigaspeech_text(text_tn, punctuation="drop"):
     """GigaSpeech `text_tn` -> (text, problem).
 
-    Punctuation tags attach to the previous word ("HI <COMMA> THERE <PERIOD>" -> "HI, THERE."); garbage
-    tags (<SIL> <MUSIC> <NOISE> <OTHER>) are removed. problem is None, 'garbage_only' (nothing but garbage
-    tags: not speech to transcribe), 'empty_text', or 'unknown_tag' (a tag this script does not know).
+    Garbage utterance tags (<SIL> <MUSIC> <NOISE> <OTHER>) mark audio that is not (only) speech: GigaSpeech's
+    README recommends discarding these utterances and its toolkits (kaldi/gigaspeech_data_prep.sh) delete
+    every one that holds such a tag, so such a text gives problem 'garbage_tag'. Punctuation tags are
+    removed (punctuation 'drop', as those toolkits do and as LibriSpeech has none) or attached to the
+    previous word ('keep': "HI <COMMA> THERE <PERIOD>" -> "HI, THERE."). problem is None, 'garbage_tag',
+    'empty_text', or 'unknown_tag' (a tag this script does not know).
     """
+    if punctuation not in PUNCTUATION:
+        raise DataError(f"--punctuation must be one of {', '.join(PUNCTUATION)}, got {punctuation!r}")
     tokens = text_tn.split()
-    if tokens and all(t in GIGA_GARBAGE for t in tokens):
-        return "", "garbage_only"
+    if any(t in GIGA_GARBAGE for t in tokens):
+        return "", "garbage_tag"
     words = []
     for tok in tokens:
-        if tok in GIGA_GARBAGE:
-            continue
         if tok in GIGA_PUNCTUATION:
-            if words:
+            if words and punctuation == "keep":
                 words[-1] += GIGA_PUNCTUATION[tok]
         elif tok.startswith("<") and tok.endswith(">"):
             return tok, "unknown_tag"
@@ -465,20 +491,23 @@ def gigaspeech_text(text_tn):
     return " ".join(words), (None if words else "empty_text")
 
 
-def gigaspeech(metadata, segments_dir, output, subset="M", audio_root=None, case="keep", workers=1,
-               relative_paths=False):
+def gigaspeech(metadata, segments_dir, output, subset="M", audio_root=None, case="sentence", punctuation="drop",
+               workers=1, relative_paths=False):
     """GigaSpeech metadata JSON -> one manifest of cut segments (task asr).
 
     Selects the segments whose `subsets` list holds {SUBSET} (subsets nest: XS < S < M < L < XL; DEV and
     TEST are separate). Each segment is cut from its long recording (`path`, relative to --audio-root,
     default the JSON's folder; opus or wav) into <segments-dir>/<recording>/<sid>.flac at 16 kHz. The JSON
-    is loaded whole (the full GigaSpeech.json needs several GB of RAM).
+    is loaded whole (the full GigaSpeech.json needs several GB of RAM). Text: utterances holding a garbage
+    tag are dropped (`garbage_tag`), punctuation tags dropped or kept (--punctuation), then --case.
     """
     metadata = Path(metadata)
     audio_root = Path(audio_root) if audio_root else metadata.parent
     tag = "{" + subset.strip("{}").upper() + "}"
     if tag.strip("{}") not in GIGA_SUBSETS:
         raise DataError(f"--subset must be one of {', '.join(GIGA_SUBSETS)}, got {subset!r}")
+    recase("", case)  # bad values fail before the JSON (several GB) loads
+    gigaspeech_text("", punctuation)
     try:
         with open(metadata, encoding="utf-8") as f:
             audios = json.load(f)["audios"]
@@ -486,7 +515,7 @@ def gigaspeech(metadata, segments_dir, output, subset="M", audio_root=None, case
         raise DataError(f"{metadata}: cannot read GigaSpeech metadata ({type(e).__name__}: {e}); "
                         f"expected a JSON object with an 'audios' list")
 
-    report = Report("gigaspeech")
+    report = Report("gigaspeech", f"case {case}, punctuation {punctuation}")
     jobs, pending = [], []  # pending: (entry, where) until its segment file exists
     for i, audio in enumerate(audios):
         where = f"audios[{i}]"
@@ -503,7 +532,7 @@ def gigaspeech(metadata, segments_dir, output, subset="M", audio_root=None, case
             if tag not in seg["subsets"]:
                 continue
             sid = seg["sid"]
-            text, problem = gigaspeech_text(seg["text_tn"])
+            text, problem = gigaspeech_text(seg["text_tn"], punctuation)
             try:
                 begin, end = float(seg["begin_time"]), float(seg["end_time"])
             except (TypeError, ValueError):
@@ -599,19 +628,41 @@ def clotho(csv_path, output, audio_dir=None, relative_paths=False):
 
 
 WAVCAPS_MAX_SECONDS = 180.0  # paper 5.1: "WavCaps (with audio clips longer than 180 seconds removed)"
+WAVCAPS_SOURCES = {"as": "AudioSet", "fsd": "FreeSound", "bbc": "BBC_Sound_Effects", "sb": "SoundBible"}
+
+
+def wavcaps_blacklist(path, json_path):
+    """The id stems a WavCaps blacklist file ({"AudioSet": [ids], "FreeSound": [ids]}, as in the release's
+    json_files/blacklist/) lists for the source of json_path, told by its name (as_final.json -> AudioSet,
+    fsd_final.json -> FreeSound; BBC and SoundBible have no list)."""
+    source = WAVCAPS_SOURCES.get(Path(json_path).stem.split("_")[0])
+    if source is None:
+        raise DataError(f"{json_path}: --blacklist needs to know the WavCaps source; expected a file named "
+                        f"as_*, fsd_*, bbc_* or sb_* (as_final.json, fsd_final.json, ...)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lists = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the blacklist ({type(e).__name__}: {e})")
+    if not isinstance(lists, dict) or not all(isinstance(v, list) for v in lists.values()):
+        raise DataError(f"{path}: expected a blacklist {{\"AudioSet\": [ids], \"FreeSound\": [ids]}}")
+    return source, {Path(str(i)).stem for i in lists.get(source, [])}
 
 
 def wavcaps(json_path, output, audio_dir=None, audio_ext=(".flac", ".wav"), max_seconds=WAVCAPS_MAX_SECONDS,
-            relative_paths=False):
+            blacklist=None, relative_paths=False):
     """One WavCaps json file ({"data": [{"id", "caption", "duration", ...}]}, or a bare list) -> manifest.
 
     Audio: the entry's `audio` / `wav_path` if it holds a real path (the released files carry the
     placeholder "wav_path"), else <audio-dir>/<id> with the first of --audio-ext that exists (ids like
     "Yb0RFKhbpFJA.wav" lose their extension first, since the released audio is FLAC). Clips longer than
-    --max-seconds (JSON `duration`, else read from the file) are dropped as `too_long`.
+    --max-seconds (JSON `duration`, else read from the file) are dropped as `too_long`. With --blacklist
+    (one of WavCaps' json_files/blacklist/*.json), the clips it lists for this source are dropped as
+    `blacklisted` (WavCaps' own pretraining removes those overlapping the AudioCaps and Clotho test sets).
     """
     json_path = Path(json_path)
     audio_dir = Path(audio_dir) if audio_dir else json_path.parent
+    source, listed = wavcaps_blacklist(blacklist, json_path) if blacklist else (None, set())
     try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
@@ -621,14 +672,18 @@ def wavcaps(json_path, output, audio_dir=None, audio_ext=(".flac", ".wav"), max_
     if not isinstance(data, list):
         raise DataError(f"{json_path}: expected {{\"data\": [...]}} or a list of entries")
 
-    report = Report("wavcaps")
-    source = json_path.stem  # fsd_final, bbc_final, ...: ids repeat across the four sources
+    limit = f"clips over {max_seconds:g} s dropped" if max_seconds else "no length limit"
+    report = Report("wavcaps", limit + (f", blacklist {Path(blacklist).name}" if blacklist else ", no blacklist"))
+    prefix = json_path.stem  # fsd_final, bbc_final, ...: ids repeat across the four sources
     for i, item in enumerate(data):
         where = f"data[{i}]"
         if not isinstance(item, dict) or "id" not in item or "caption" not in item:
             raise DataError(f"{json_path}: {where} lacks 'id' or 'caption'")
         stem = Path(str(item["id"])).stem
-        uid = f"wavcaps-{source}-{stem}"
+        uid = f"wavcaps-{prefix}-{stem}"
+        if stem in listed:
+            report.drop(json_path, where, uid, "blacklisted", f"listed under {source} in {blacklist}")
+            continue
         given = item.get("audio", item.get("wav_path"))
         if given and given != "wav_path":
             candidates = [audio_dir / given]
@@ -661,6 +716,41 @@ def wavcaps(json_path, output, audio_dir=None, audio_ext=(".flac", ".wav"), max_
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
+def at_least(minimum, cast):
+    """argparse type: a number of type `cast` that is >= minimum, checked at parse time."""
+    def parse(text):
+        value = cast(text)  # a ValueError becomes argparse's "invalid <cast> value"
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def audiocaps_pattern(text):
+    """argparse type: a clip file name pattern whose placeholders are AudioCaps csv columns."""
+    try:
+        text.format(audiocap_id=0, youtube_id="x", start_time=0, caption="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: bad placeholder {e}; use {{audiocap_id}} {{youtube_id}} "
+                                         f"{{start_time}}")
+    return text
+
+
+def extension(text):
+    """argparse type: a file extension with its dot (.flac), so that <id><ext> is a file name."""
+    if not re.fullmatch(r"\.\w+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an extension with its dot, such as .flac")
+    return text
+
+
+def existing_file(text):
+    """argparse type: a path to an existing file, checked at parse time."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: file not found")
+    return text
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -673,8 +763,14 @@ def build_parser():
                        help="write audio paths relative to the manifest's folder (default: absolute)")
         return s
 
+    def add_case(s, corpus):
+        s.add_argument("--case", choices=CASES, default="sentence",
+                       help=f"{corpus} is upper case: 'sentence' writes it as SALMONN's example training data has "
+                            f"LibriSpeech ('Chapter one missus rachel lynde ...'), 'keep' leaves it upper case, "
+                            f"'lower' lower-cases all (default: sentence)")
+
     def add_workers(s):
-        s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+        s.add_argument("--workers", type=at_least(1, int), default=os.cpu_count() or 1,
                        help="processes converting audio (default: all CPUs)")
 
     s = command("covost", covost, "CoVoST 2 En->X tsvs + Common Voice v4 -> st manifests per split")
@@ -689,23 +785,26 @@ def build_parser():
     s = command("librispeech", librispeech, "LibriSpeech split folders -> asr manifest")
     s.add_argument("folders", nargs="+", metavar="FOLDER", help="e.g. LibriSpeech/train-clean-100")
     s.add_argument("--output", required=True, help="manifest path (.jsonl)")
-    s.add_argument("--case", choices=["keep", "lower", "sentence"], default="keep",
-                   help="transcript casing; LibriSpeech is upper case and SALMONN keeps it (default: keep)")
+    add_case(s, "LibriSpeech")
 
     s = command("gigaspeech", gigaspeech, "GigaSpeech JSON -> cut 16 kHz FLAC segments + asr manifest")
     s.add_argument("metadata", metavar="JSON", help="GigaSpeech.json")
-    s.add_argument("--subset", default="M", help=f"one of {', '.join(GIGA_SUBSETS)} (default: M, as the paper)")
+    s.add_argument("--subset", default="M", choices=GIGA_SUBSETS, type=lambda t: t.strip("{}").upper(),
+                   help=f"one of {', '.join(GIGA_SUBSETS)}, braces and case optional (default: M, as the paper)")
     s.add_argument("--segments-dir", required=True, help="where the segment FLACs go")
     s.add_argument("--audio-root", help="folder the JSON's audio paths are relative to (default: the JSON's folder)")
     s.add_argument("--output", required=True, help="manifest path (.jsonl)")
-    s.add_argument("--case", choices=["keep", "lower", "sentence"], default="keep",
-                   help="transcript casing; GigaSpeech is upper case (default: keep)")
+    add_case(s, "GigaSpeech")
+    s.add_argument("--punctuation", choices=PUNCTUATION, default="drop",
+                   help="GigaSpeech's <COMMA> <PERIOD> <QUESTIONMARK> <EXCLAMATIONPOINT> tags: 'drop' them, as "
+                        "its toolkits do and as LibriSpeech has none, or 'keep' them as , . ? ! (default: drop). "
+                        "Utterances with <SIL> <MUSIC> <NOISE> <OTHER> are always dropped, as its README says")
     add_workers(s)
 
     s = command("audiocaps", audiocaps, "AudioCaps csv -> aac manifest")
     s.add_argument("csv_path", metavar="CSV", help="train.csv / val.csv / test.csv")
     s.add_argument("--audio-dir", help="folder with the downloaded clips (default: the csv's folder)")
-    s.add_argument("--audio-pattern", nargs="+", default=list(AUDIOCAPS_PATTERNS),
+    s.add_argument("--audio-pattern", nargs="+", type=audiocaps_pattern, default=list(AUDIOCAPS_PATTERNS),
                    help="clip file names to try, filled from the csv columns {audiocap_id} {youtube_id} "
                         f"{{start_time}} (default: {' '.join(AUDIOCAPS_PATTERNS)})")
     s.add_argument("--output", required=True, help="manifest path (.jsonl)")
@@ -718,9 +817,15 @@ def build_parser():
     s = command("wavcaps", wavcaps, "one WavCaps json file -> aac manifest (clips over 180 s dropped)")
     s.add_argument("json_path", metavar="JSON", help="as_final.json, bbc_final.json, fsd_final.json or sb_final.json")
     s.add_argument("--audio-dir", help="folder with that source's clips (default: the JSON's folder)")
-    s.add_argument("--audio-ext", nargs="+", default=[".flac", ".wav"], help="extensions to try (default: .flac .wav)")
-    s.add_argument("--max-seconds", type=float, default=WAVCAPS_MAX_SECONDS,
+    s.add_argument("--audio-ext", nargs="+", type=extension, default=[".flac", ".wav"],
+                   help="extensions to try (default: .flac .wav)")
+    s.add_argument("--max-seconds", type=at_least(0, float), default=WAVCAPS_MAX_SECONDS,
                    help="drop longer clips; 0 keeps all (default: 180, as the paper)")
+    s.add_argument("--blacklist", metavar="JSON", type=existing_file,
+                   help="a WavCaps blacklist, e.g. json_files/blacklist/blacklist_exclude_test_ac.json (the clips "
+                        "overlapping the AudioCaps and Clotho test sets, which WavCaps' own pretraining removes): "
+                        "drop the clips it lists for this source (default: none, as the paper says nothing of it "
+                        "and scores no captioning test set; see docs/data.md)")
     s.add_argument("--output", required=True, help="manifest path (.jsonl)")
     return p
 

@@ -92,7 +92,11 @@ def make_covost(root, mp3=False):
         ("common_voice_en_7.mp3", "测试。", "test"),
         ("common_voice_en_8.mp3", "句子为空。", "dev"),
     ]
-    lines = [COVOST_HEADER] + [f"{p}\tignored\t{t}\tc\t{s}" for p, t, s in zh] + [""]
+    # labels get_covost_splits.py leaves out (the X->En tsvs carry them), on rows that would pass every check
+    extra = [("common_voice_en_1.mp3", "多余。", "dev_covost"), ("common_voice_en_2.mp3", "多余。", "test_covost"),
+             ("common_voice_en_3.mp3", "多余。", "dev_dup"), ("common_voice_en_7.mp3", "多余。", "test_dup")]
+    lines = [COVOST_HEADER] + [f"{p}\tignored\t{t}\tc\t{s}" for p, t, s in zh] + [""] + \
+        [f"{p}\tignored\t{t}\tc\t{s}" for p, t, s in extra]
     (root / "covost_v2.en_zh-CN.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     ja = [("common_voice_en_1.mp3", "彼は「こんにちは」と言った。", "train"),
           ("common_voice_en_7.mp3", "テスト。", "test")]
@@ -122,20 +126,26 @@ def test_covost_join_splits_and_drops(tmp_path, capsys):
         [("common_voice_en_1-ja", "彼は「こんにちは」と言った。", "ja")]
     assert len(read_jsonl(out / "covost2.en-ja.test.jsonl")) == 1
 
-    # line numbers count the header as line 1
+    # line numbers count the header as line 1 (and the blank line 10)
     assert read_dropped(out / "dropped.tsv") == [
         ("5", "common_voice_en_4-zh", "missing_audio"),
         ("6", "common_voice_en_5-zh", "empty_translation"),
         ("7", "common_voice_en_6-zh", "not_in_validated"),
         ("9", "common_voice_en_8-zh", "empty_sentence"),
+        ("11", "common_voice_en_1-zh", "unused_split"),
+        ("12", "common_voice_en_2-zh", "unused_split"),
+        ("13", "common_voice_en_3-zh", "unused_split"),
+        ("14", "common_voice_en_7-zh", "unused_split"),
     ]
     assert summary["dropped"] == {"missing_audio": 1, "empty_translation": 1, "not_in_validated": 1,
-                                  "empty_sentence": 1}
+                                  "empty_sentence": 1, "unused_split": 4}
+    assert summary["unused_splits"] == {"dev_covost": 1, "test_covost": 1, "dev_dup": 1, "test_dup": 1}
     assert summary["written"][str(out / "covost2.en-zh.train.jsonl")] == 3
     assert list(summary["written"]) == [str(out / f"covost2.en-{lang}.{split}.jsonl")
                                         for lang in ("zh", "ja") for split in ("train", "dev", "test")]
     printed = capsys.readouterr().out
     assert "(official: 289,430)" in printed and "(official: 15,531)" in printed
+    assert "unused_split by label: dev_covost 1, test_covost 1, dev_dup 1, test_dup 1" in printed
 
 
 def test_covost_relative_paths(tmp_path):
@@ -184,9 +194,9 @@ def test_covost_malformed_input(tmp_path):
                    "common_voice_en_2.mp3\ts\tein\tTab\tc\ttrain\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"covost_v2\.en_de\.tsv:3: 6 fields but the header has 5"):
         pd_.covost([bad], cv, tmp_path / "out")
+    # a label get_covost_splits.py does not keep is left out as it leaves it out, counted, not an error
     bad.write_text(COVOST_HEADER + "\ncommon_voice_en_1.mp3\ts\tHallo\tc\tvalidation\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"en_de\.tsv:2: unknown split 'validation'"):
-        pd_.covost([bad], cv, tmp_path / "out")
+    assert pd_.covost([bad], cv, tmp_path / "out")["unused_splits"] == {"validation": 1}
     bad.write_text("path\tsentence\ttranslations\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"en_de\.tsv:1: header lacks column\(s\) translation, split"):
         pd_.covost([bad], cv, tmp_path / "out")
@@ -201,10 +211,10 @@ def test_covost_malformed_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ LibriSpeech
 
-def make_librispeech(root):
-    split = root / "LibriSpeech" / "test-clean"
-    chapters = {("1089", "134686"): ["HE HOPED THERE WOULD BE STEW FOR DINNER", "I'M SURE I KNOW IT"],
-                ("121", "121726"): ["ALSO A POPULAR CONTRIVANCE", "MISSING AUDIO HERE"]}
+def make_librispeech(root, name="test-clean", chapters=None):
+    split = root / "LibriSpeech" / name
+    chapters = chapters or {("1089", "134686"): ["HE HOPED THERE WOULD BE STEW FOR DINNER", "I'M SURE I KNOW IT"],
+                            ("121", "121726"): ["ALSO A POPULAR CONTRIVANCE", "MISSING AUDIO HERE"]}
     for (spk, chap), texts in chapters.items():
         folder = split / spk / chap
         folder.mkdir(parents=True)
@@ -223,15 +233,31 @@ def test_librispeech(tmp_path):
     entries = read_jsonl(out)
     assert [e["id"] for e in entries] == ["1089-134686-0000", "1089-134686-0001", "121-121726-0000"]
     assert entries[0] == {"id": "1089-134686-0000", "audio": str(split / "1089/134686/1089-134686-0000.flac"),
-                          "task": "asr", "text": "HE HOPED THERE WOULD BE STEW FOR DINNER",
+                          "task": "asr", "text": "He hoped there would be stew for dinner",
                           "translation": None, "tgt_lang": None}
+    assert entries[1]["text"] == "I'm sure I know it"
     assert read_dropped(tmp_path / "ls.dropped.tsv") == [("2", "121-121726-0001", "missing_audio")]
     assert summary["dropped"] == {"missing_audio": 1}
 
-    pd_.librispeech([split], out, case="sentence")
-    assert [e["text"] for e in read_jsonl(out)][:2] == ["He hoped there would be stew for dinner", "I'm sure I know it"]
+    pd_.librispeech([split], out, case="keep")
+    assert [e["text"] for e in read_jsonl(out)][:2] == ["HE HOPED THERE WOULD BE STEW FOR DINNER", "I'M SURE I KNOW IT"]
     pd_.librispeech([split], out, case="lower")
     assert read_jsonl(out)[1]["text"] == "i'm sure i know it"
+
+
+def test_librispeech_sentence_case_as_salmonn(tmp_path):
+    """By default the text is exactly what SALMONN's data/example_data.json trains on for these utterances."""
+    salmonn = [
+        "Chapter one missus rachel lynde is surprised missus rachel lynde lived just where the avonlea main road "
+        "dipped down into a little hollow fringed with alders and ladies eardrops and traversed by a brook",
+        "That had its source away back in the woods of the old cuthbert place it was reputed to be an intricate "
+        "headlong brook in its earlier course through those woods with dark secrets of pool and cascade but by the "
+        "time it reached lynde's hollow it was a quiet well conducted little stream",
+    ]
+    split = make_librispeech(tmp_path, "train-clean-100", {("103", "1240"): [t.upper() for t in salmonn]})
+    pd_.librispeech([split], tmp_path / "ls.jsonl")
+    assert [(e["id"], e["text"]) for e in read_jsonl(tmp_path / "ls.jsonl")] == \
+        [("103-1240-0000", salmonn[0]), ("103-1240-0001", salmonn[1])]
 
 
 def test_librispeech_errors(tmp_path):
@@ -279,7 +305,8 @@ def make_gigaspeech(root):
              seg("YOU0000000001_S0000004", 7.0, 8.0, "AFTER THE END OF THE AUDIO", m),
          ]},
         {"aid": "POD0000000001", "path": "audio/podcast/P0000/POD0000000001.opus", "format": "opus",
-         "segments": [seg("POD0000000001_S0000000", 0.5, 2.0, "HELLO THERE <PERIOD>", m)]},
+         "segments": [seg("POD0000000001_S0000000", 0.5, 2.0, "HELLO THERE <PERIOD>", m),
+                      seg("POD0000000001_S0000001", 2.0, 3.0, "I MEAN <OTHER> YEAH <PERIOD>", m)]},
         {"aid": "POD0000000002", "path": "audio/podcast/P0000/POD0000000002.opus", "format": "opus",
          "segments": [seg("POD0000000002_S0000000", 0.0, 1.0, "NOT DOWNLOADED", m)]},
     ]}
@@ -287,11 +314,22 @@ def make_gigaspeech(root):
     return giga
 
 
-def test_gigaspeech_text():
-    assert pd_.gigaspeech_text("HI <COMMA> THERE <PERIOD>") == ("HI, THERE.", None)
-    assert pd_.gigaspeech_text("<MUSIC> <SIL>") == ("", "garbage_only")
+def test_gigaspeech_text_drops_tagged_utterances():
+    """An utterance holding any garbage tag is dropped whole, as GigaSpeech's README and toolkits do."""
+    assert pd_.gigaspeech_text("I MEAN <OTHER> YEAH") == ("", "garbage_tag")
+    assert pd_.gigaspeech_text("<NOISE> WOW <EXCLAMATIONPOINT>", "keep") == ("", "garbage_tag")
+    assert pd_.gigaspeech_text("<MUSIC> <SIL>") == ("", "garbage_tag")
     assert pd_.gigaspeech_text("<COMMA>") == ("", "empty_text")
     assert pd_.gigaspeech_text("A <LAUGH> B") == ("<LAUGH>", "unknown_tag")
+
+
+def test_gigaspeech_text_punctuation():
+    """Dropped by default (LibriSpeech has none, GigaSpeech's toolkits remove it), kept on request."""
+    assert pd_.gigaspeech_text("HI <COMMA> THERE <PERIOD>") == ("HI THERE", None)
+    assert pd_.gigaspeech_text("HI <COMMA> THERE <PERIOD>", "keep") == ("HI, THERE.", None)
+    assert pd_.gigaspeech_text("<COMMA> OK <QUESTIONMARK> <EXCLAMATIONPOINT>", "keep") == ("OK?!", None)
+    with pytest.raises(DataError, match="--punctuation"):
+        pd_.gigaspeech_text("HI", "strip")
 
 
 def test_gigaspeech(tmp_path, capsys):
@@ -299,19 +337,24 @@ def test_gigaspeech(tmp_path, capsys):
     segs, out = tmp_path / "segments", tmp_path / "giga_m.jsonl"
     summary = pd_.gigaspeech(giga / "GigaSpeech.json", segs, out, subset="M", workers=2)
     entries = read_jsonl(out)
+    # sentence case without punctuation, as LibriSpeech comes out; tagged utterances dropped
     assert [(e["id"], e["text"]) for e in entries] == [
-        ("YOU0000000001_S0000000", "AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE REALLY QUICKLY?"),
-        ("YOU0000000001_S0000003", "WOW!"),
-        ("POD0000000001_S0000000", "HELLO THERE."),
+        ("YOU0000000001_S0000000", "As they're leaving can kash pull zahra aside really quickly"),
+        ("POD0000000001_S0000000", "Hello there"),
     ]
     assert entries[0]["audio"] == str(segs / "YOU0000000001" / "YOU0000000001_S0000000.flac")
     assert {e["task"] for e in entries} == {"asr"}
     assert read_dropped(tmp_path / "giga_m.dropped.tsv") == [
-        ("audios[0].segments[1]", "YOU0000000001_S0000001", "garbage_only"),
+        ("audios[0].segments[1]", "YOU0000000001_S0000001", "garbage_tag"),
+        ("audios[0].segments[3]", "YOU0000000001_S0000003", "garbage_tag"),
+        ("audios[1].segments[1]", "POD0000000001_S0000001", "garbage_tag"),
         ("audios[2].segments[0]", "POD0000000002_S0000000", "missing_audio"),
         ("audios[0].segments[4]", "YOU0000000001_S0000004", "decode_error"),
     ]
-    assert summary["dropped"] == {"garbage_only": 1, "missing_audio": 1, "decode_error": 1}
+    assert summary["dropped"] == {"garbage_tag": 3, "missing_audio": 1, "decode_error": 1}
+    printed = capsys.readouterr().out
+    assert "gigaspeech: summary (case sentence, punctuation drop)" in printed
+    assert "garbage_tag                  3" in printed
 
     wav, sr = sf.read(str(segs / "YOU0000000001" / "YOU0000000001_S0000000.flac"))
     assert sr == 16000 and wav.ndim == 1 and len(wav) == 24000          # 1.5 s, mono
@@ -319,14 +362,17 @@ def test_gigaspeech(tmp_path, capsys):
     assert np.allclose(wav[16200:23800], 0.2, atol=2e-3)                 # ... then second 2
     info = sf.info(str(segs / "POD0000000001" / "POD0000000001_S0000000.flac"))
     assert (info.samplerate, info.channels) == (16000, 1) and abs(info.frames - 24000) <= 160
-    assert "audio converted 3, already done 0, failed 1" in capsys.readouterr().out
+    assert "audio converted 2, already done 0, failed 1" in printed      # dropped utterances are not cut
+    assert not (segs / "YOU0000000001" / "YOU0000000001_S0000003.flac").exists()
 
     pd_.gigaspeech(giga / "GigaSpeech.json", segs, out, subset="{M}", workers=1)  # resumable, "{M}" accepted
-    assert "audio converted 0, already done 3, failed 1" in capsys.readouterr().out
+    assert "audio converted 0, already done 2, failed 1" in capsys.readouterr().out
 
-    summary = pd_.gigaspeech(giga / "GigaSpeech.json", segs, tmp_path / "xl.jsonl", subset="XL", case="sentence")
+    pd_.gigaspeech(giga / "GigaSpeech.json", segs, tmp_path / "xl.jsonl", subset="XL", punctuation="keep")
     assert [e["text"] for e in read_jsonl(tmp_path / "xl.jsonl")][:2] == \
         ["As they're leaving, can kash pull zahra aside really quickly?", "Only in the xl subset."]
+    pd_.gigaspeech(giga / "GigaSpeech.json", segs, tmp_path / "xl.jsonl", subset="XL", case="keep")
+    assert read_jsonl(tmp_path / "xl.jsonl")[1]["text"] == "ONLY IN THE XL SUBSET"
 
 
 def test_gigaspeech_errors(tmp_path):
@@ -426,6 +472,38 @@ def test_wavcaps(tmp_path, capsys):
         pd_.wavcaps(tmp_path / "bad.json", out)
 
 
+def test_wavcaps_blacklist(tmp_path, capsys):
+    """--blacklist drops what WavCaps' blacklist file lists for the JSON's own source (its AudioSet ids carry
+    .wav, its FreeSound ids are numbers; id "2219" exists in several sources and is listed only for one)."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ["Yb0RFKhbpFJA.flac", "YzzzQ1w2e3r4.flac", "2219.flac"]:
+        sf.write(audio / name, tone(0.1, 16000), 16000)
+    entries = {"as_final.json": ["Yb0RFKhbpFJA.wav", "YzzzQ1w2e3r4.wav"], "sb_final.json": ["2219"]}
+    for name, ids in entries.items():
+        data = {"num_captions_per_audio": 1,
+                "data": [{"id": i, "caption": "A sound.", "duration": 10.0, "audio": "wav_path"} for i in ids]}
+        (tmp_path / name).write_text(json.dumps(data), encoding="utf-8")
+    blacklist = tmp_path / "blacklist_exclude_test_ac.json"
+    blacklist.write_text(json.dumps({"AudioSet": ["Yb0RFKhbpFJA.wav"], "FreeSound": ["2219", "17"]}))
+
+    out = tmp_path / "as.jsonl"
+    summary = pd_.wavcaps(tmp_path / "as_final.json", out, audio_dir=audio, blacklist=blacklist)
+    assert [e["id"] for e in read_jsonl(out)] == ["wavcaps-as_final-YzzzQ1w2e3r4"]
+    assert read_dropped(tmp_path / "as.dropped.tsv") == [("data[0]", "wavcaps-as_final-Yb0RFKhbpFJA", "blacklisted")]
+    assert summary["dropped"] == {"blacklisted": 1}
+    assert "blacklisted" in capsys.readouterr().out
+    summary = pd_.wavcaps(tmp_path / "sb_final.json", tmp_path / "sb.jsonl", audio_dir=audio, blacklist=blacklist)
+    assert summary["written"] == {str(tmp_path / "sb.jsonl"): 1} and summary["dropped"] == {}
+
+    blacklist.write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"blacklist_exclude_test_ac\.json: expected a blacklist"):
+        pd_.wavcaps(tmp_path / "as_final.json", out, audio_dir=audio, blacklist=blacklist)
+    (tmp_path / "mine.json").write_text(json.dumps({"data": []}))
+    with pytest.raises(DataError, match=r"mine\.json: --blacklist needs to know the WavCaps source"):
+        pd_.wavcaps(tmp_path / "mine.json", out, blacklist=blacklist)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli(tmp_path, capsys):
@@ -445,8 +523,29 @@ def test_cli(tmp_path, capsys):
         args = parser.parse_args([command, "x", "--output", "o", *required.get(command, [])])
         assert args.command == command and args.func is getattr(pd_, command)
     args = parser.parse_args(["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o"])
-    assert (args.subset, args.case) == ("M", "keep")
-    assert parser.parse_args(["wavcaps", "w.json", "--output", "o"]).max_seconds == 180.0
+    assert (args.subset, args.case, args.punctuation) == ("M", "sentence", "drop")
+    assert parser.parse_args(["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o",
+                              "--subset", "{xl}"]).subset == "XL"
+    args = parser.parse_args(["wavcaps", "w.json", "--output", "o"])
+    assert (args.max_seconds, args.blacklist) == (180.0, None)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o", "--workers", "0"], "--workers"),
+    (["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o", "--subset", "XXL"], "--subset"),
+    (["gigaspeech", "g.json", "--segments-dir", "s", "--output", "o", "--punctuation", "strip"], "--punctuation"),
+    (["librispeech", "x", "--output", "o", "--case", "title"], "--case"),
+    (["wavcaps", "w.json", "--output", "o", "--max-seconds", "-1"], "--max-seconds"),
+    (["wavcaps", "w.json", "--output", "o", "--max-seconds", "nan"], "--max-seconds"),
+    (["wavcaps", "w.json", "--output", "o", "--blacklist", "no_such_blacklist.json"], "--blacklist"),
+    (["wavcaps", "w.json", "--output", "o", "--audio-ext", "flac"], "--audio-ext"),
+    (["audiocaps", "t.csv", "--output", "o", "--audio-pattern", "{video}.wav"], "--audio-pattern"),
+])
+def test_cli_checks_flags_at_parse_time(argv, flag, capsys):
+    """A bad flag value stops before any file is read, with argparse's one line naming the flag."""
+    with pytest.raises(SystemExit):
+        pd_.build_parser().parse_args(argv)
+    assert f"error: argument {flag}" in capsys.readouterr().err
 
 
 def test_manifests_read_by_data_py(tmp_path):
