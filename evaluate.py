@@ -55,7 +55,8 @@ the number of processes). Each rank appends its hypotheses, batch by batch as th
 <output-dir>/partial/hyps.<mode>.rank<r>.jsonl (flushed; a line cut by a kill is ignored), and rank 0 merges
 the files in manifest order once every entry is there. No collective waits for the slowest rank's decoding
 (ranks are compared through the files, which must be on a filesystem all ranks see), so ranks that differ by
-more than --dist-timeout still finish. A killed or failed evaluation run again with the same settings decodes
+more than --dist-timeout still finish; every rank waits for the files, then all leave the process group together
+(runtime.close_distributed). A killed or failed evaluation run again with the same settings decodes
 only the batches that are missing (with other settings the partial files are discarded, as it says); the
 partial folder is removed when metrics.json is written. --skip-bad leaves out entries whose audio cannot be
 read (listed under "skipped" in metrics.json, BLEU over the rest, said on stderr). CPU: gloo; GPU: nccl.
@@ -1085,7 +1086,7 @@ def run(args):
             raise EvalError(f"--alignment {' '.join(map(str, args.alignment))}: the LLM has layers 0 (embeddings) "
                             f".. {lsm.n_layers}")
         results = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
-        if out_dir is not None and modes and (rank == 0 or layers):  # the others may leave: no collective follows
+        if out_dir is not None and modes:  # every rank: the closing barrier must not wait on any decoding
             results = wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
         reps = None
         if layers:

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 (before any process group exists: see close_distributed)
 
 import data
 
@@ -96,8 +97,27 @@ def process_group(timeout_minutes=60.0):
             raise
         raise failure from None
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(world, rank, timeout_minutes)
+
+
+def close_distributed(world, rank, timeout_minutes):
+    """Leave the process group; called from a `finally`. Unless an exception is on its way out (then torchrun ends
+    the other ranks), every rank first waits for the others (a barrier, at most --dist-timeout), so none tears the
+    group down while another still uses it. destroy_process_group then joins the group's worker threads while the
+    interpreter still runs: a worker left alive frees the tensors of the last collective whenever it gets the CPU,
+    and one that does so after the interpreter began to exit aborts the rank ("terminate called without an active
+    exception"). It joins them only if nothing else holds the group: torch.distributed.nn, imported by the model
+    libraries, holds it in default arguments if first imported after init_process_group (this module imports it
+    first)."""
+    if world == 1 or not dist.is_initialized():
+        return
+    try:
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+    except RuntimeError as e:
+        raise (collective_failure(e, rank, timeout_minutes) or e) from None
+    finally:
+        dist.destroy_process_group()
 
 
 class DistError(data.UserError):

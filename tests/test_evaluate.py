@@ -852,6 +852,52 @@ def test_a_rank_slower_than_the_timeout_does_not_end_a_finished_evaluation(train
     assert json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))["world_size"] == 2
 
 
+
+CLOSING = """
+import os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+sys.setswitchinterval({interval})  # a thread waits this long for the GIL, as on a loaded CPU by chance
+script = sys.argv.pop(1)
+if script == "evaluate":
+    import evaluate
+    evaluate.main(sys.argv[1:])
+else:
+    import toy_objective
+    toy_objective.main(sys.argv[1:])
+tasks = "/proc/self/task"  # Linux: the threads' names
+names = [open(os.path.join(tasks, t, "comm")).read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+if any("gloo" in n for n in names):
+    sys.exit(f"rank {{os.environ['RANK']}}: gloo threads alive after the run: {{sorted(names)}}")
+"""
+
+
+def test_every_rank_leaves_the_process_group_cleanly_run_after_run(trained, manifest, tmp_path):
+    """Evaluations and trainings (tests/toy_objective.py) under torchrun (2 processes, gloo), 3 of each in
+    a row, all end with status 0. A rank used to abort at exit ("terminate called without an active exception"):
+    the group outlived destroy_process_group and one of its worker threads freed the last collective's tensors
+    after the interpreter had begun to exit. The script below widens that window (a long GIL switch interval) and
+    fails a rank whose gloo threads are still alive after the run (the group was not destroyed)."""
+    ckpt, _ = trained["qwen2"]
+    script = tmp_path / "closing.py"
+    script.write_text(CLOSING.format(root=ROOT, interval=1.0))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore")
+    runs = dict(evaluate=["--ckpt", ckpt, "--manifest", manifest, "--mode", "st", "--num-beams", "1", "--alignment",
+                          "0", "--num-pairs", "3"] + FAST,
+                toy=["--batch-size", "4", "--lr", "0.01", "--max-steps", "3", "--warmup-steps", "1", "--dtype",
+                     "float32", "--num-workers", "0"])
+    for k in range(3):
+        for name, flags in runs.items():
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(_free_port()), str(script), name, *flags, "--output-dir",
+                   str(tmp_path / f"{name}{k}")]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, f"{name}, run {k + 1}: {proc.stderr[-3000:]}"
+    hyps = {(tmp_path / f"evaluate{k}" / "hyps.st.jsonl").read_text(encoding="utf-8") for k in range(3)}
+    assert len(hyps) == 1 and len(hyps.pop().splitlines()) == 5
+    ends = [read_jsonl(tmp_path / f"toy{k}" / "metrics.jsonl")[-1] for k in range(3)]
+    assert all(e["event"] == "end" and e["step"] == 3 and e["max_param_diff_across_ranks"] == 0.0 for e in ends)
+
 def test_temporaries_of_a_killed_evaluation_are_its_own_files_only(tmp_path):
     """A kill during write_atomic leaves `<file>.tmp<pid>` beside hyps.*.jsonl / metrics.json; run() removes those
     (runtime.clean_temporaries with evaluate.OWN_FILES) and nothing else of the folder."""
