@@ -298,10 +298,8 @@ def record_changes(saved, new):
 
 def check_fixed(ck, args, sizes, path):
     """Refuse a resume that changes what cannot change (RESUME_FIXED, the manifests' sizes)."""
-    saved = ck.get("record") or dict(batch_size=ck["batch_size"], seed=ck["seed"])  # older checkpoints
-    new = training_record(args, None)
-    fixed = [c for c in record_changes(saved, new) if c[0] in RESUME_FIXED]
-    if ck.get("sizes") is not None and list(ck["sizes"]) != list(sizes):
+    fixed = [c for c in record_changes(ck["record"], training_record(args, None)) if c[0] in RESUME_FIXED]
+    if list(ck["sizes"]) != list(sizes):
         fixed.append(("train", f"{ck['sizes']} entries", f"{list(sizes)} entries"))
     if fixed:
         raise data.UserError(f"--resume: {path} cannot continue with these settings (the data position, order or "
@@ -312,8 +310,6 @@ def check_fixed(ck, args, sizes, path):
 def check_changes(ck, rec, args, path):
     """-> the changed settings [(flag, old, new)] that --resume-changes apply takes over; with the default
     (refuse) any change stops the run with the list."""
-    if "record" not in ck:
-        return []
     changes = [c for c in record_changes(ck["record"], rec) if c[0] not in RESUME_FIXED]
     if changes and args.resume_changes != "apply":
         raise data.UserError(

@@ -262,7 +262,7 @@ def resume_layout(args, world, ck, path):
     fits = [w for w in range(1, B // b + 1) if (B // b) % w == 0] if B % b == 0 else []
     raise data.UserError(
         f"--resume: {path} was trained with micro-batches of {ck['micro_batch']} per device (global batch {B} = "
-        f"{ck['micro_batch']} x {ck.get('grad_accum', '?')} accumulation x {ck['world_size']} processes); with "
+        f"{ck['micro_batch']} x {ck['grad_accum']} accumulation x {ck['world_size']} processes); with "
         f"{world} processes and micro-batches of {b}, {B} / ({b} x {world}) is not a whole number of accumulation "
         f"steps. Resume with {' or '.join(map(str, fits))} processes (the same steps), or choose another micro-batch "
         f"with --per-device-batch-size N --resume-changes apply (the steps then average other groups of items)")
@@ -491,13 +491,13 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
     ck = runtime.read_checkpoint(ckpt_path) if resumed else None
     if ck is not None:
         runtime.check_fixed(ck, args, sizes, ckpt_path)
-    if ck is not None and "micro_batch" in ck:
+    if ck is not None:
         b, k = resume_layout(args, world, ck, ckpt_path)
     else:
         b, k = batch_layout(args, world)
     rec = runtime.training_record(args, b)
     changes = runtime.check_changes(ck, rec, args, ckpt_path) if ck is not None else []
-    history = list(ck.get("history", [])) if ck is not None else []
+    history = list(ck["history"]) if ck is not None else []
 
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -515,11 +515,11 @@ def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set,
             history.append(dict(step=st["step"], changes={k_: dict(old=o, new=n) for k_, o, n in changes}))
             say(f"--resume-changes apply: from step {st['step']} on " + ", ".join(
                 f"{runtime.flag(k_)} {n!r} (was {o!r})" for k_, o, n in changes))
-        if (ck["world_size"], ck.get("grad_accum", k)) != (world, k):
-            layout_note = dict(world_size=[ck["world_size"], world], grad_accum=[ck.get("grad_accum"), k],
+        if (ck["world_size"], ck["grad_accum"]) != (world, k):
+            layout_note = dict(world_size=[ck["world_size"], world], grad_accum=[ck["grad_accum"], k],
                                per_device_batch_size=b)
             say(f"--resume: {ck['world_size']} -> {world} process(es): micro-batches of {b} per device kept, "
-                f"accumulation {ck.get('grad_accum')} -> {k}; every step has the same micro-batches and dropout "
+                f"accumulation {ck['grad_accum']} -> {k}; every step has the same micro-batches and dropout "
                 f"masks (reseeded per micro-batch), only the order of the float additions of the gradient changes")
     elif args.resume:
         say(f"--resume: no {ckpt_path} yet, starting from scratch")
