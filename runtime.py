@@ -329,13 +329,10 @@ def rng_state():
 
 
 def set_rng_state(s):
+    """Restore rng_state(); a CUDA state is restored on the current device, and ignored on a machine without one."""
     torch.set_rng_state(s["torch"])
-    cuda = s.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; take this device's if saved
-        index = torch.cuda.current_device() if torch.cuda.is_available() else -1
-        cuda = cuda[index] if 0 <= index < len(cuda) else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)  # the current device
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
