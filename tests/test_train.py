@@ -145,13 +145,13 @@ def test_weight_decay_groups(tiny_ckpts):
 
 def test_batch_layout_and_errors():
     ns = lambda B, b=None, k=None: argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=k)
-    assert train.batch_layout(ns(32), 8) == (4, 1)
-    assert train.batch_layout(ns(32, b=2), 8) == (2, 2)
-    assert train.batch_layout(ns(32, k=4), 2) == (4, 4)
-    assert train.batch_layout(ns(32, 4, 8), 1) == (4, 8)
+    assert runtime.batch_layout(ns(32), 8) == (4, 1)
+    assert runtime.batch_layout(ns(32, b=2), 8) == (2, 2)
+    assert runtime.batch_layout(ns(32, k=4), 2) == (4, 4)
+    assert runtime.batch_layout(ns(32, 4, 8), 1) == (4, 8)
     for bad, world in ((ns(32, 3), 2), (ns(32, 4, 4), 4), (ns(30), 8)):
         with pytest.raises(ValueError, match=r"--batch-size .*--per-device-batch-size x --grad-accum"):
-            train.batch_layout(bad, world)
+            runtime.batch_layout(bad, world)
 
 
 def test_micro_batches_do_not_depend_on_world_size():
@@ -468,15 +468,15 @@ def test_resume_on_another_number_of_processes_keeps_the_micro_batch(tmp_path):
     ck = dict(micro_batch=4, grad_accum=1, world_size=1)
     ns = lambda b=None, k=None: argparse.Namespace(batch_size=4, per_device_batch_size=b, grad_accum=k)
     with pytest.raises(train.data.UserError) as e:
-        train.resume_layout(ns(), 2, ck, "ck.pt")
+        runtime.resume_layout(ns(), 2, ck, "ck.pt")
     assert ("micro-batches of 4 per device (global batch 4 = 4 x 1 accumulation x 1 processes)" in str(e.value)
             and "Resume with 1 processes" in str(e.value) and "--per-device-batch-size N --resume-changes apply"
             in str(e.value))
-    assert train.resume_layout(ns(), 1, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 2)
-    assert train.resume_layout(ns(), 2, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 1)
-    assert train.resume_layout(ns(b=1), 2, ck, "ck.pt") == (1, 2)  # a given micro-batch (a listed change)
+    assert runtime.resume_layout(ns(), 1, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 2)
+    assert runtime.resume_layout(ns(), 2, dict(ck, micro_batch=2, grad_accum=2), "ck.pt") == (2, 1)
+    assert runtime.resume_layout(ns(b=1), 2, ck, "ck.pt") == (1, 2)  # a given micro-batch (a listed change)
     with pytest.raises(train.data.UserError, match="--grad-accum 2"):
-        train.resume_layout(ns(k=2), 2, dict(ck, micro_batch=2), "ck.pt")
+        runtime.resume_layout(ns(k=2), 2, dict(ck, micro_batch=2), "ck.pt")
 
 
 def test_two_processes_with_an_empty_micro_batch_equal_one_killed_and_resumed(tmp_path):
