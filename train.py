@@ -24,7 +24,7 @@ so an unreadable item costs nothing but its own absence, at any position, and a 
 uninterrupted run. A step with no readable item at all makes no update (Adam does not step) and logs no loss.
 The gradients are all-reduced by this loop itself (no DistributedDataParallel), so a rank may skip a forward;
 an objective whose forward runs collectives (the contrastive baseline gathers the texts of every rank) takes part
-in them through join() instead, once for each micro-batch it skips, so every rank runs the same collectives.
+in them through skip_batch() instead, once for each micro-batch it skips, so every rank runs the same collectives.
 
 Optimiser (paper appendix A.1, SALMONN): AdamW(beta1 0.9, beta2 0.999, eps 1e-8), weight decay 0.05 on
 weight matrices only (biases, norms and other 1-d parameters have none); only trainable parameters.
@@ -61,11 +61,11 @@ scheduler, step, data position, per-rank RNG states, early-stopping state, train
 accuracy). Every file is written under a temporary name and renamed (os.replace): a kill never leaves a
 half-written file, and the temporary files a kill leaves are removed when a run starts and ends.
 
-The objective is an nn.Module (Objective below is stage 1's; joint_train.Joint extends it):
+The objective is an nn.Module (Objective below is stage 1's; joint_train.AlignedObjective extends it):
     forward(batch)  -> dict of scalar tensors: "loss" is minimised; every entry is logged, as the mean over
                        micro-batches and ranks, except keys starting with "n_" (counts), which are summed
     evaluate(batch) -> dict with "loss", "n_correct", "n_tokens" (validation, no gradient)
-    join()          -> None: take part in forward()'s collectives for a micro-batch with no readable item
+    skip_batch()    -> None: take part in forward()'s collectives for a micro-batch with no readable item
                        (nothing to do for an objective without any)
     save_trainable(path)                 weights for the next stage
     enable_gradient_checkpointing()
@@ -206,7 +206,7 @@ class Objective(nn.Module):
         out = self.lsm.speech_forward(batch)
         return dict(loss=out["loss"], n_correct=out["n_correct"], n_tokens=out["n_tokens"])
 
-    def join(self):
+    def skip_batch(self):
         """A skipped micro-batch: stage 1's forward runs no collective, so there is nothing to take part in."""
 
     def save_trainable(self, path):
@@ -338,7 +338,7 @@ def train_step(model, opt, params, micro, step, args, rank, world, autocast):
         for c, v in data.batch_counts(batch).items():
             counts[c] = counts.get(c, 0) + v
         if data.is_empty(batch):
-            model.join()  # the collectives this micro-batch's forward would have run
+            model.skip_batch()  # the collectives this micro-batch's forward would have run
             continue
         torch.manual_seed(micro_seed(args.seed, step, rank * k + j))  # dropout independent of world size
         with autocast():

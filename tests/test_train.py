@@ -119,7 +119,7 @@ def test_weight_decay_groups(tiny_ckpts):
     p = tiny_ckpts["qwen2"]
     lsm = M.LSM(p["whisper"], p["llm"], p["beats"], llm_dtype="float32", verbose=False, qformer_hidden=32,
                 qformer_heads=2, qformer_ffn=64)
-    obj = joint_train.Joint(lsm, "ctc")
+    obj = joint_train.AlignedObjective(lsm, "ctc")
     a = argparse.Namespace(lr=3e-5, weight_decay=0.05, adam_betas=[0.9, 0.999], adam_eps=1e-8, warmup_start_lr=1e-6,
                            min_lr=1e-5, warmup_steps=10, max_steps=100)
     opt, _ = train.build_optimizer(obj, a)
@@ -248,7 +248,7 @@ def test_unreadable_items_cost_only_their_absence(tmp_path):
     toy, after_two = Recorder(), Toy()
     train.train(args, toy, items, skip_bad)
     assert len(toy.log) == 3 + 3  # step 0: 3 readable micro-batches, step 1: 3, step 2: none
-    assert toy.joins == 1 + 1 + 4  # each skipped micro-batch joins the collectives its forward would have run
+    assert toy.skips == 1 + 1 + 4  # each skipped micro-batch joins the collectives its forward would have run
     rows = [r for r in metrics(tmp_path) if "lr" in r]
     for step, first in ((0, 0), (1, 3)):  # the logged loss: the mean of this step's readable micro-batch losses
         ref = Toy()
