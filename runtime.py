@@ -2,6 +2,28 @@
 the process group and the loop's collectives, atomic files and the temporary files a kill leaves, metrics rows,
 and checkpoints with the record of what a resume may change. train.py and evaluate.py call these by name; none of
 it is in the paper, so a reader of the method can skip this file.
+
+Resume (--resume, RunFolder). checkpoint.pt stores the training-relevant flags (training_record). A resume whose
+flags differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
+the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
+eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
+values held. --seed, --batch-size, --train (and the manifests' sizes), --epoch-size, --align and --init can
+never change. Another number of processes keeps the checkpoint's micro-batch size and adapts the accumulation
+(exact up to float summation order), or stops where B / (b x W) is not a whole number.
+
+Processes (process_group): a collective that waits more than --dist-timeout minutes (a dead or stuck rank) ends
+the run with `<script>.py: error: rank R: ...` instead of hanging.
+
+Output folder of train.py (--output-dir, RunFolder): args.json (+ the batch layout used and the resume history);
+metrics.jsonl (one JSON object per --log-every steps: "step" = steps done, means over those steps of the objective's
+values, "lr" of the last one, "grad_norm", "samples_per_s", "bad_steps", and the data counts summed over workers and
+ranks "n_bad_audio" (unreadable clips skipped) and "n_truncated" (clips cut to Whisper's window); one per validation
+with "split": "dev"; an "end" record with the run's totals: "counts", "bad_lines" (manifest lines skipped),
+"empty_steps"); checkpoint.pt (full training state for --resume: trainable parameters, optimiser, scheduler, step,
+data position, per-rank RNG states, early-stopping state, training record); last.safetensors (+ .json:
+LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation accuracy). Every
+file is written under a temporary name and renamed (os.replace): a kill never leaves a half-written file, and the
+temporary files a kill leaves are removed when a run starts and ends.
 """
 import argparse
 import contextlib

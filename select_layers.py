@@ -124,9 +124,9 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
                                                     chunk_size=chunk_size).double().cpu() * scale
         bad = ~torch.isfinite(D)
         if bad.any():
-            rows_ = torch.nonzero(bad.any(1)).flatten().tolist()
+            bad_rows = torch.nonzero(bad.any(1)).flatten().tolist()
             raise data.UserError(f"layer {l}: {int(bad.sum())} of {D.numel()} distances are not finite (rows of the "
-                                 f"pairs {name(rows_)}): refusing to rank them")
+                                 f"pairs {name(bad_rows)}): refusing to rank them")
         out[l] = mean_reciprocal_rank(D)
     return out
 

@@ -39,27 +39,8 @@ no update; the step still counts: its data is consumed and the schedule moves on
 the metrics); no checkpoint is written during a streak of them (a due one waits for the next finite step), and
 --max-bad-steps in a row stop the run with an error naming the last checkpoint, which is from before the streak.
 
-Resume (--resume). checkpoint.pt stores the training-relevant flags (runtime.training_record). A resume whose flags
-differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
-the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
-eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
-values held. --seed, --batch-size, --train (and the manifests' sizes), --epoch-size, --align and --init can
-never change. Another number of processes keeps the checkpoint's micro-batch size and adapts the accumulation
-(exact up to float summation order), or stops where B / (b x W) is not a whole number.
-
-Processes: a collective that waits more than --dist-timeout minutes (a dead or stuck rank) ends the run with
-`<script>.py: error: rank R: ...` instead of hanging.
-
-Output folder (--output-dir): args.json (+ the batch layout used and the resume history); metrics.jsonl (one
-JSON object per --log-every steps: "step" = steps done, means over those steps of the objective's values,
-"lr" of the last one, "grad_norm", "samples_per_s", "bad_steps", and the data counts summed over workers and
-ranks "n_bad_audio" (unreadable clips skipped) and "n_truncated" (clips cut to Whisper's window); one per
-validation with "split": "dev"; an "end" record with the run's totals: "counts", "bad_lines" (manifest lines
-skipped), "empty_steps"); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
-scheduler, step, data position, per-rank RNG states, early-stopping state, training record); last.safetensors
-(+ .json: LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation
-accuracy). Every file is written under a temporary name and renamed (os.replace): a kill never leaves a
-half-written file, and the temporary files a kill leaves are removed when a run starts and ends.
+Resume (--resume), the output folder (args.json, metrics.jsonl, checkpoint.pt, last/best.safetensors) and what
+a dead or stuck rank does: runtime.py.
 
 The objective is an nn.Module (Objective below is stage 1's; joint_train.AlignedObjective extends it):
     forward(batch)  -> dict of scalar tensors: "loss" is minimised; every entry is logged, as the mean over
@@ -85,10 +66,7 @@ import data
 import runtime
 
 
-
 # ----------------------------------------------------------------------------- flags
-
-
 
 
 def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
@@ -215,7 +193,7 @@ class Objective(nn.Module):
     def enable_gradient_checkpointing(self):
         """Recompute the LLM decoder layers in backward (non-reentrant: the dropout masks are replayed)."""
         causal, kw = self.lsm.causal_lm, {"use_reentrant": False}
-        if hasattr(causal, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if hasattr(causal, "activation_checkpointing_enable"):  # later 5.x; 5.0 has only gradient_checkpointing_enable
             causal.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
