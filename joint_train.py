@@ -101,7 +101,7 @@ class AlignedObjective(train.Objective):
                                     torch.cat([text[l].detach() for l in self.layers]), self.ot_cost)
         w = scale * ot.wasserstein(x, y, speech_mask[:, :n].repeat(L, 1), text_mask.repeat(L, 1),
                                    eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)  # (|I|,) batch means
-        loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()
+        loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()  # eq. 6
         logs.update({f"w_{l}": w[i].detach() for i, l in enumerate(self.layers)})
         return dict(loss=loss, **logs)
 

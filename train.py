@@ -214,11 +214,12 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
     if sum(sizes) != len(train_set):
         raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
     with runtime.process_group(getattr(args, "dist_timeout", 60.0)) as (rank, world, device):
-        return _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank, world,
-                      device)
+        return training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank,
+                             world, device)
 
 
-def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank, world, device):
+def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank, world,
+                  device):
     """The loop: epochs of steps; after each step its log row, and the validation and checkpoint when due."""
     print0 = print if rank == 0 else (lambda *a, **kw: None)
     run, opt, sched, progress, metrics = start(args, model, sizes, rank, world, device, print0)
