@@ -213,7 +213,7 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
     sizes, weights = sizes or [len(train_set)], weights or [1.0]
     if sum(sizes) != len(train_set):
         raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
-    with runtime.process_group(getattr(args, "dist_timeout", 60.0)) as (rank, world, device):
+    with runtime.process_group(args.dist_timeout) as (rank, world, device):
         return training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank,
                              world, device)
 
