@@ -6,10 +6,14 @@ Manifest (JSON lines, one utterance per line; relative `audio` paths resolve aga
     task asr: text = transcript; aac: text = caption; st: text = source transcript, translation = target,
     tgt_lang = target language ("zh", "ja", ... CoVoST's "zh-CN" is accepted and stored as "zh").
 SALMONN's `{"annotation": [{"path", "text", "task"}, ...]}` files (suffix .json) are read too, see SALMONN_TASKS.
-Several manifests combine by list concatenation; WeightedMixSampler gives them mixing weights (stage 1:
+Several manifests combine by list concatenation; WeightedMixSampler draws from them with mixing shares. Stage 1:
     asr, aac = read_manifest(a), read_manifest(b); ds = SpeechDataset(asr + aac)
     shares = mix_shares([len(asr), len(aac)], [w_asr, w_aac])   # by size (SALMONN), scaled by the weights
-    sampler = WeightedMixSampler([len(asr), len(aac)], shares, rank=rank, num_replicas=world)).
+    sampler = WeightedMixSampler([len(asr), len(aac)], shares, seed=seed); sampler.set_epoch(epoch)
+    order = list(sampler)   # the epoch's global order, the same on every rank
+and train.py cuts each global batch of that order into the ranks' micro-batches itself (train.rank_micro_batches).
+The sampler's own strided per-rank split (rank=, num_replicas=, as DistributedSampler) would group other items into
+a micro-batch for another number of processes; training does not use it.
 
 Audio: soundfile -> mean of channels -> soxr to 16 kHz -> float32, zero-padded to >= 1 s (as SALMONN),
 cut to the Whisper checkpoint's input window (window_seconds(feature_extractor): n_samples / sampling_rate,
@@ -352,7 +356,7 @@ class WeightedMixSampler(Sampler):
     """Sampler over concatenated sources with mixing weights, split across ranks like DistributedSampler:
     rank r of W gets every W-th index of one shared mix (same seed on all ranks), num_samples per epoch in
     total (rounded up to a multiple of W so every rank runs the same number of steps). Call set_epoch(e)
-    each epoch for a new mix."""
+    each epoch for a new mix. The training loop takes the one-replica order and splits it itself (module docstring)."""
 
     def __init__(self, sizes, weights, num_samples=None, seed=0, rank=0, num_replicas=1):
         self.sizes, self.weights, self.seed, self.rank, self.num_replicas = sizes, weights, seed, rank, num_replicas
@@ -464,7 +468,7 @@ class SpeechDataset(Dataset):
 
 
 def is_empty(batch):
-    """A collated batch with no item left (every clip unreadable under skip_bad; None from older collators)."""
+    """A collated batch with no item left (every clip unreadable under skip_bad), or None."""
     return batch is None or (isinstance(batch, dict) and "ids" in batch and not batch["ids"])
 
 
@@ -500,11 +504,11 @@ class Collator:
         items = [x for x in items if x is not None and not isinstance(x, Skipped)]
         wavs, truncated = [], []
         for x in items:
-            cut = len(x["wav"]) > self.max_samples
-            if cut:
+            too_long = len(x["wav"]) > self.max_samples
+            if too_long:
                 log.warning("truncated %r from %.2f s to Whisper's window of %.2f s", x["id"],
                             len(x["wav"]) / SAMPLE_RATE, self.max_samples / SAMPLE_RATE)
-            if cut or x.get("truncated"):
+            if too_long or x.get("truncated"):
                 truncated.append(x["id"])
             wavs.append(x["wav"][:self.max_samples])
         counts = {"bad_audio": len(skipped), "truncated": len(truncated)}

@@ -54,7 +54,7 @@ import runtime
 import train
 
 
-class Joint(train.Objective):
+class AlignedObjective(train.Objective):
     """train.Objective with the alignment term of eq. 6 (or a Table 4 baseline) added to the cross-entropy."""
 
     def __init__(self, lsm, align="ot", layers=(0,), alpha=0.99, ot_eps=ot.EPS, ot_iters=ot.N_ITERS,
@@ -101,11 +101,11 @@ class Joint(train.Objective):
                                     torch.cat([text[l].detach() for l in self.layers]), self.ot_cost)
         w = scale * ot.wasserstein(x, y, speech_mask[:, :n].repeat(L, 1), text_mask.repeat(L, 1),
                                    eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)  # (|I|,) batch means
-        loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()
+        loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()  # eq. 6
         logs.update({f"w_{l}": w[i].detach() for i, l in enumerate(self.layers)})
         return dict(loss=loss, **logs)
 
-    def join(self):
+    def skip_batch(self):
         """A micro-batch with no readable item on this rank (train.train_step runs no forward for it): the contrastive
         loss of the other ranks gathers the texts of every rank, so send zero rows (ot, ctc, none: nothing to do)."""
         if self.align == "cl":
@@ -139,7 +139,7 @@ def n_pair_loss(s, t, tau):
 
     The gradient reaches this rank's speech vectors only; the training loop's average of the ranks' gradients is then
     the gradient of the mean over the global batch (for equal per-rank batches). A rank with no readable item in its
-    micro-batch takes part through Joint.join (zero rows). One process: N = B, in-batch negatives.
+    micro-batch takes part through AlignedObjective.skip_batch (zero rows). One process: N = B, in-batch negatives.
     The temperature tau sets the logit range 1/tau (cosines lie in [-1, 1]): a small tau sharpens the softmax, so
     the gradient concentrates on the negatives most similar to the speech (the hard ones) and the loss nears 0 once
     the true text's cosine leads every negative's by several tau; a large tau spreads the gradient over all
@@ -225,17 +225,16 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
     lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))
-    objective = Joint(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters, args.cl_temperature,
-                      args.align_positions, args.ot_cost)
+    objective = AlignedObjective(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters,
+                                 args.cl_temperature, args.align_positions, args.ot_cost)
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
-    collate, cut = data.Collator(fe), data.window_seconds(fe)
+    collate, max_seconds = data.Collator(fe), data.window_seconds(fe)  # clips are cut to Whisper's window
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in args.json
-    dev = data.SpeechDataset(dev_entries, instructions, skip_bad=args.skip_bad, max_seconds=cut) if dev_entries else None
-    return train.train(args, objective, data.SpeechDataset(train_entries, instructions, skip_bad=args.skip_bad,
-                                                           max_seconds=cut), collate, dev_set=dev,
-                       bad_lines=bad_lines)
+    dataset = lambda entries: data.SpeechDataset(entries, instructions, skip_bad=args.skip_bad, max_seconds=max_seconds)
+    dev = dataset(dev_entries) if dev_entries else None
+    return train.train(args, objective, dataset(train_entries), collate, dev_set=dev, bad_lines=bad_lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ It takes the model and batch flags of the stage scripts (model.add_model_args, t
 top to bottom:
 
 1. Count. The LSM and the stage's objective are built by the stage scripts' own code (model.LSM,
-   train.Objective for stage 1 / --align none, joint_train.Joint for stage 3), but every backbone from its
+   train.Objective for stage 1 / --align none, joint_train.AlignedObjective for stage 3), but every backbone from its
    config on the meta device: no weight is read or allocated, so full depth costs nothing. --real NAME takes
    the configs of tiny.REAL_CONFIGS (Whisper-large-v2, BEATs cpt2, Qwen2-7B | Vicuna-13B v1.1); otherwise
    --whisper / --beats / --llm are read as usual but only their config.json, tokenizer and BEATs cfg are used.
@@ -168,7 +168,7 @@ def real_config_folder(name, folder):
 
 
 def build(args, device, layers=None):
-    """The stage's objective (train.Objective or joint_train.Joint around model.LSM) on `device`."""
+    """The stage's objective (train.Objective or joint_train.AlignedObjective around model.LSM) on `device`."""
     with backbones_from_configs(device, layers), torch.device(device):
         torch.manual_seed(args.seed)
         with contextlib.redirect_stdout(io.StringIO()):  # LSM's summary line, once per build
@@ -176,7 +176,7 @@ def build(args, device, layers=None):
         if args.align == "none":
             return train.Objective(lsm)
         layers_ot = [l for l in args.layers if l <= lsm.n_layers]  # a shallow measured model has fewer layers
-        return joint_train.Joint(lsm, args.align, layers_ot or [0])
+        return joint_train.AlignedObjective(lsm, args.align, layers_ot or [0])
 
 
 def part_of(name):

@@ -2,6 +2,28 @@
 the process group and the loop's collectives, atomic files and the temporary files a kill leaves, metrics rows,
 and checkpoints with the record of what a resume may change. train.py and evaluate.py call these by name; none of
 it is in the paper, so a reader of the method can skip this file.
+
+Resume (--resume, RunFolder). checkpoint.pt stores the training-relevant flags (training_record). A resume whose
+flags differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
+the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
+eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
+values held. --seed, --batch-size, --train (and the manifests' sizes), --epoch-size, --align and --init can
+never change. Another number of processes keeps the checkpoint's micro-batch size and adapts the accumulation
+(exact up to float summation order), or stops where B / (b x W) is not a whole number.
+
+Processes (process_group): a collective that waits more than --dist-timeout minutes (a dead or stuck rank) ends
+the run with `<script>.py: error: rank R: ...` instead of hanging.
+
+Output folder of train.py (--output-dir, RunFolder): args.json (+ the batch layout used and the resume history);
+metrics.jsonl (one JSON object per --log-every steps: "step" = steps done, means over those steps of the objective's
+values, "lr" of the last one, "grad_norm", "samples_per_s", "bad_steps", and the data counts summed over workers and
+ranks "n_bad_audio" (unreadable clips skipped) and "n_truncated" (clips cut to Whisper's window); one per validation
+with "split": "dev"; an "end" record with the run's totals: "counts", "bad_lines" (manifest lines skipped),
+"empty_steps"); checkpoint.pt (full training state for --resume: trainable parameters, optimiser, scheduler, step,
+data position, per-rank RNG states, early-stopping state, training record); last.safetensors (+ .json:
+LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation accuracy). Every
+file is written under a temporary name and renamed (os.replace): a kill never leaves a half-written file, and the
+temporary files a kill leaves are removed when a run starts and ends.
 """
 import argparse
 import contextlib
@@ -306,9 +328,9 @@ RESUME_FIXED = frozenset({"seed", "batch_size", "train", "epoch_size", "align", 
 def training_record(args, micro_batch):
     """The training-relevant settings of this run, as stored in checkpoint.pt (JSON values): every flag except
     RESUME_IGNORED, and the micro-batch size actually used."""
-    rec = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}, default=str))
-    rec["per_device_batch_size"] = micro_batch
-    return rec
+    record = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}, default=str))
+    record["per_device_batch_size"] = micro_batch
+    return record
 
 
 def record_changes(saved, new):
@@ -316,25 +338,21 @@ def record_changes(saved, new):
     return [(k, saved[k], new[k]) for k in sorted(set(saved) & set(new)) if saved[k] != new[k]]
 
 
-def check_fixed(ck, args, sizes, path):
+def check_fixed(checkpoint, args, sizes, path):
     """Refuse a resume that changes what cannot change (RESUME_FIXED, the manifests' sizes)."""
-    saved = ck.get("record") or dict(batch_size=ck["batch_size"], seed=ck["seed"])  # older checkpoints
-    new = training_record(args, None)
-    fixed = [c for c in record_changes(saved, new) if c[0] in RESUME_FIXED]
-    if ck.get("sizes") is not None and list(ck["sizes"]) != list(sizes):
-        fixed.append(("train", f"{ck['sizes']} entries", f"{list(sizes)} entries"))
+    fixed = [c for c in record_changes(checkpoint["record"], training_record(args, None)) if c[0] in RESUME_FIXED]
+    if list(checkpoint["sizes"]) != list(sizes):
+        fixed.append(("train", f"{checkpoint['sizes']} entries", f"{list(sizes)} entries"))
     if fixed:
         raise data.UserError(f"--resume: {path} cannot continue with these settings (the data position, order or "
                              f"initialisation depend on them):\n" + "\n".join(
                                  f"  {flag(k)}: checkpoint {old!r}, this run {new!r}" for k, old, new in fixed))
 
 
-def check_changes(ck, rec, args, path):
+def check_changes(checkpoint, record, args, path):
     """-> the changed settings [(flag, old, new)] that --resume-changes apply takes over; with the default
     (refuse) any change stops the run with the list."""
-    if "record" not in ck:
-        return []
-    changes = [c for c in record_changes(ck["record"], rec) if c[0] not in RESUME_FIXED]
+    changes = [c for c in record_changes(checkpoint["record"], record) if c[0] not in RESUME_FIXED]
     if changes and args.resume_changes != "apply":
         raise data.UserError(
             f"--resume: this run's settings differ from those {path} was trained with:\n"
@@ -353,13 +371,10 @@ def rng_state():
 
 
 def set_rng_state(s):
+    """Restore rng_state(); a CUDA state is restored on the current device, and ignored on a machine without one."""
     torch.set_rng_state(s["torch"])
-    cuda = s.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; take this device's if saved
-        index = torch.cuda.current_device() if torch.cuda.is_available() else -1
-        cuda = cuda[index] if 0 <= index < len(cuda) else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)  # the current device
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
@@ -373,13 +388,13 @@ def read_checkpoint(path):
                              f"not do that: was it copied or edited?)") from None
 
 
-def save_checkpoint(model, opt, sched, st, args, rank, world, meta):
+def save_checkpoint(model, opt, sched, progress, args, rank, world, meta):
     """checkpoint.pt (everything --resume needs; RNG states of every rank; the training record) and
     last.safetensors, atomically."""
     rng = all_gather_objects(rng_state(), world)
     if rank == 0:
         state = dict(model={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=copy.deepcopy(st), rng=rng,
+                     optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=copy.deepcopy(progress), rng=rng,
                      world_size=world, batch_size=args.batch_size, seed=args.seed, **meta)
         save_weights(model, os.path.join(args.output_dir, LAST))
         atomic(os.path.join(args.output_dir, CHECKPOINT), lambda p: torch.save(state, p))
@@ -401,3 +416,141 @@ def load_checkpoint(ck, path, model, opt, sched, st, rank, world):
     st.update(ck["state"])
     if ck["world_size"] == world:
         set_rng_state(ck["rng"][rank])
+
+
+# ----------------------------------------------------------------------------- the batch layout, fresh and resumed
+
+
+def batch_layout(args, world):
+    """-> (per-device batch b, accumulation k) with b * k * world == --batch-size, or ValueError naming the flags."""
+    B, b, k = args.batch_size, args.per_device_batch_size, args.grad_accum
+    if b is None and k is None:
+        k = 1
+    if b is None:
+        b = B // (k * world) if B % (k * world) == 0 else 0
+    elif k is None:
+        k = B // (b * world) if B % (b * world) == 0 else 0
+    if b < 1 or k < 1 or b * k * world != B:
+        raise data.UserError(f"--batch-size {B} (global) must equal --per-device-batch-size x --grad-accum x number of "
+                             f"processes ({world}); got --per-device-batch-size {args.per_device_batch_size} and "
+                             f"--grad-accum {args.grad_accum}")
+    return b, k
+
+
+def resume_layout(args, world, checkpoint, path):
+    """The batch layout of a resumed run: the checkpoint's micro-batch size b is kept (unless
+    --per-device-batch-size says otherwise, a change of setting), the accumulation becomes B / (b x processes).
+    With the same b every step consists of the same micro-batches with the same dropout seeds, whatever the
+    number of processes: only the order of the float additions of the gradient sum changes. Where B / (b x
+    processes) is not a whole number, stop with what would work."""
+    saved_b, saved_k, saved_world = checkpoint["micro_batch"], checkpoint["grad_accum"], checkpoint["world_size"]
+    b = args.per_device_batch_size if args.per_device_batch_size is not None else saved_b
+    B = args.batch_size
+    if B % (b * world) == 0 and (args.grad_accum is None or args.grad_accum * b * world == B):
+        return b, B // (b * world)
+    if args.grad_accum is not None and B % (b * world) == 0:
+        given = argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=args.grad_accum)
+        return batch_layout(given, world)
+    fits = [w for w in range(1, B // b + 1) if (B // b) % w == 0] if B % b == 0 else []
+    raise data.UserError(
+        f"--resume: {path} was trained with micro-batches of {saved_b} per device (global batch {B} = "
+        f"{saved_b} x {saved_k} accumulation x {saved_world} processes); with "
+        f"{world} processes and micro-batches of {b}, {B} / ({b} x {world}) is not a whole number of accumulation "
+        f"steps. Resume with {' or '.join(map(str, fits))} processes (the same steps), or choose another micro-batch "
+        f"with --per-device-batch-size N --resume-changes apply (the steps then average other groups of items)")
+
+
+# ----------------------------------------------------------------------------- the run folder: start, resume, save
+
+
+class RunFolder:
+    """A training run's --output-dir, and what a resume needs from it. Opening it refuses to overwrite a run
+    without --resume and removes what killed saves left; with --resume it reads checkpoint.pt and checks this run's
+    flags against it (check_fixed, resume_layout, check_changes). It then holds the batch layout (micro_batch b,
+    grad_accum k: --batch-size = b x k x processes), the training record and the history of applied changes, which
+    every checkpoint stores, and the step of the last checkpoint (saved_at)."""
+
+    def __init__(self, args, sizes, rank, world, print0):
+        self.args, self.sizes, self.rank, self.world, self.print0 = args, list(sizes), rank, world, print0
+        self.path = os.path.join(args.output_dir, CHECKPOINT)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if os.path.exists(self.path) and not args.resume:
+            raise FileExistsError(f"{self.path} exists: pass --resume to continue that run, or another --output-dir")
+        if rank == 0:
+            removed = clean_temporaries(args.output_dir, OWN_FILES)
+            if removed:
+                print0(f"removed {len(removed)} temporary file(s) left by a killed save in {args.output_dir}: "
+                       f"{', '.join(removed)}")
+        self.checkpoint = read_checkpoint(self.path) if args.resume and os.path.exists(self.path) else None
+        self.resumed, self.saved_at, self.changes, self.history = self.checkpoint is not None, None, [], []
+        self.resume_event = None
+        if self.checkpoint is None:
+            self.micro_batch, self.grad_accum = batch_layout(args, world)
+            self.record = training_record(args, self.micro_batch)
+            return
+        check_fixed(self.checkpoint, args, sizes, self.path)
+        self.micro_batch, self.grad_accum = resume_layout(args, world, self.checkpoint, self.path)
+        self.record = training_record(args, self.micro_batch)
+        self.changes = check_changes(self.checkpoint, self.record, args, self.path)
+        self.history = list(self.checkpoint["history"])
+
+    def resume(self, model, opt, sched, progress):
+        """Load checkpoint.pt into the model, optimizer, schedule and progress (nothing without --resume or a
+        checkpoint). -> True when the flags changed settings that the optimizer and schedule must now follow
+        (--resume-changes apply: the caller runs train.apply_settings)."""
+        checkpoint, b, k, world = self.checkpoint, self.micro_batch, self.grad_accum, self.world
+        if checkpoint is None:
+            if self.args.resume:
+                self.print0(f"--resume: no {self.path} yet, starting from scratch")
+            return False
+        load_checkpoint(checkpoint, self.path, model, opt, sched, progress, self.rank, world)
+        self.checkpoint, self.saved_at, step = None, progress["step"], progress["step"]  # its weights are loaded
+        self.print0(f"resumed {self.path} at step {step} (epoch {progress['epoch']}, step {progress['step_in_epoch']} "
+                    f"of it)")
+        if self.changes:
+            self.history.append(dict(step=step, changes={name: dict(old=o, new=n) for name, o, n in self.changes}))
+            self.print0(f"--resume-changes apply: from step {step} on " + ", ".join(
+                f"{flag(name)} {n!r} (was {o!r})" for name, o, n in self.changes))
+        moved = (checkpoint["world_size"], checkpoint["grad_accum"]) != (world, k)
+        if moved:
+            self.print0(f"--resume: {checkpoint['world_size']} -> {world} process(es): micro-batches of {b} per device "
+                        f"kept, accumulation {checkpoint['grad_accum']} -> {k}; every step has the same micro-batches "
+                        f"and dropout masks (reseeded per micro-batch), only the order of the float additions of the "
+                        f"gradient changes")
+        if self.changes or moved:  # the first new row of metrics.jsonl (open_records)
+            self.resume_event = dict(event="resume", step=step,
+                                     changes=self.history[-1]["changes"] if self.changes else {})
+            if moved:
+                self.resume_event.update(world_size=[checkpoint["world_size"], world],
+                                         grad_accum=[checkpoint["grad_accum"], k], per_device_batch_size=b)
+        return bool(self.changes)
+
+    def open_records(self, progress):
+        """Write args.json (the flags, the batch layout, the resume history) and open metrics.jsonl (-> Metrics),
+        whose first new row records a resume that changed settings or the number of processes."""
+        if self.rank == 0:
+            record = dict(vars(self.args), layout=dict(per_device_batch_size=self.micro_batch,
+                                                       grad_accum=self.grad_accum, world_size=self.world),
+                          resume_history=self.history)
+            atomic(os.path.join(self.args.output_dir, ARGS),
+                   lambda p: write_text(p, json.dumps(record, indent=1, default=str)))
+        metrics = Metrics(self.args.output_dir, self.rank, progress["step"] if self.resumed else None)
+        if self.resume_event is not None:
+            metrics.write(self.resume_event)
+        return metrics
+
+    def save(self, model, opt, sched, progress):
+        """checkpoint.pt and last.safetensors (save_checkpoint), with the layout and the record."""
+        meta = dict(record=self.record, history=self.history, sizes=self.sizes, micro_batch=self.micro_batch,
+                    grad_accum=self.grad_accum)
+        save_checkpoint(model, opt, sched, progress, self.args, self.rank, self.world, meta)
+        self.saved_at = progress["step"]
+
+    def save_best(self, model):
+        if self.rank == 0:
+            save_weights(model, os.path.join(self.args.output_dir, BEST))
+
+    def close(self):
+        """Remove the temporary files a killed save left (rank 0)."""
+        if self.rank == 0:
+            clean_temporaries(self.args.output_dir, OWN_FILES)

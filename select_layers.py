@@ -103,8 +103,8 @@ def pad(states):
 def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096, rows=32, device="cpu",
                cost="sqeuclidean", ids=None):
     """speech / text: {layer: list of N tensors (n_i, d) / (m_i, d)} (pair i = speech i, text i)
-    -> {layer: MRR}. D^(l) is computed in blocks of `rows` speech rows on `device`, with the ground cost `cost`
-    (model.cost_points: sqeuclidean or cosine). A non-finite distance raises data.UserError naming the layer and
+    -> {layer: MRR} (eq. 3-4). D^(l) is computed in blocks of `rows` speech rows on `device`, with the ground cost
+    `cost` (model.cost_points: sqeuclidean or cosine). A non-finite distance raises data.UserError naming the layer and
     the pairs (ids[i], or the index i) involved."""
     out = {}
     name = lambda idx: [ids[i] if ids is not None else i for i in idx[:10]] + (["..."] if len(idx) > 10 else [])
@@ -124,9 +124,9 @@ def layer_mrrs(speech, text, *, eps=ot.EPS, n_iters=ot.N_ITERS, chunk_size=4096,
                                                     chunk_size=chunk_size).double().cpu() * scale
         bad = ~torch.isfinite(D)
         if bad.any():
-            rows_ = torch.nonzero(bad.any(1)).flatten().tolist()
+            bad_rows = torch.nonzero(bad.any(1)).flatten().tolist()
             raise data.UserError(f"layer {l}: {int(bad.sum())} of {D.numel()} distances are not finite (rows of the "
-                                 f"pairs {name(rows_)}): refusing to rank them")
+                                 f"pairs {name(bad_rows)}): refusing to rank them")
         out[l] = mean_reciprocal_rank(D)
     return out
 
@@ -285,12 +285,17 @@ def main(argv=None):
 
     mrr = layer_mrrs(speech, text, eps=args.ot_eps, n_iters=args.ot_iters, chunk_size=args.chunk_size,
                      rows=args.rows, device=device, cost=args.ot_cost, ids=read["ids"])
-    selected = select(mrr, args.threshold)
+    return write_outputs(args, mrr, select(mrr, args.threshold), chance, read, llm_name)
+
+
+def write_outputs(args, mrr, selected, chance, read, llm_name):
+    """layers.json (-> its content), mrr_per_layer.png and the table on stdout."""
+    n = len(read["ids"])
     result = dict(mrr={str(l): v for l, v in mrr.items()}, selected=selected, threshold=args.threshold,
                   num_pairs=n, chance=dict(mrr=chance[0], sd=chance[1]), counts=read["counts"],
                   skipped=read["skipped"], args=vars(args))
     runtime.atomic(os.path.join(args.output_dir, "layers.json"),
-                 lambda path: runtime.write_text(path, json.dumps(result, indent=1)))
+                   lambda path: runtime.write_text(path, json.dumps(result, indent=1)))
     plot(mrr, args.threshold, os.path.join(args.output_dir, "mrr_per_layer.png"),
          f"speech-to-text retrieval, {n} pairs ({llm_name})", chance)
     print(table(mrr, selected, chance))

@@ -24,7 +24,7 @@ so an unreadable item costs nothing but its own absence, at any position, and a 
 uninterrupted run. A step with no readable item at all makes no update (Adam does not step) and logs no loss.
 The gradients are all-reduced by this loop itself (no DistributedDataParallel), so a rank may skip a forward;
 an objective whose forward runs collectives (the contrastive baseline gathers the texts of every rank) takes part
-in them through join() instead, once for each micro-batch it skips, so every rank runs the same collectives.
+in them through skip_batch() instead, once for each micro-batch it skips, so every rank runs the same collectives.
 
 Optimiser (paper appendix A.1, SALMONN): AdamW(beta1 0.9, beta2 0.999, eps 1e-8), weight decay 0.05 on
 weight matrices only (biases, norms and other 1-d parameters have none); only trainable parameters.
@@ -39,39 +39,19 @@ no update; the step still counts: its data is consumed and the schedule moves on
 the metrics); no checkpoint is written during a streak of them (a due one waits for the next finite step), and
 --max-bad-steps in a row stop the run with an error naming the last checkpoint, which is from before the streak.
 
-Resume (--resume). checkpoint.pt stores the training-relevant flags (runtime.training_record). A resume whose flags
-differ stops and lists each difference (flag, checkpoint value, new value); --resume-changes apply trains with
-the new values from the resumed step on (the schedule and every optimizer group's lr, weight decay, betas and
-eps), and args.json ("resume_history") and metrics.jsonl (an "event": "resume" row) say from which step which
-values held. --seed, --batch-size, --train (and the manifests' sizes), --epoch-size, --align and --init can
-never change. Another number of processes keeps the checkpoint's micro-batch size and adapts the accumulation
-(exact up to float summation order), or stops where B / (b x W) is not a whole number.
+Resume (--resume), the output folder (args.json, metrics.jsonl, checkpoint.pt, last/best.safetensors) and what
+a dead or stuck rank does: runtime.py.
 
-Processes: a collective that waits more than --dist-timeout minutes (a dead or stuck rank) ends the run with
-`<script>.py: error: rank R: ...` instead of hanging.
-
-Output folder (--output-dir): args.json (+ the batch layout used and the resume history); metrics.jsonl (one
-JSON object per --log-every steps: "step" = steps done, means over those steps of the objective's values,
-"lr" of the last one, "grad_norm", "samples_per_s", "bad_steps", and the data counts summed over workers and
-ranks "n_bad_audio" (unreadable clips skipped) and "n_truncated" (clips cut to Whisper's window); one per
-validation with "split": "dev"; an "end" record with the run's totals: "counts", "bad_lines" (manifest lines
-skipped), "empty_steps"); checkpoint.pt (full training state for --resume: trainable parameters, optimiser,
-scheduler, step, data position, per-rank RNG states, early-stopping state, training record); last.safetensors
-(+ .json: LSM.save_trainable, the next stage's --init); best.safetensors (with a dev set: best validation
-accuracy). Every file is written under a temporary name and renamed (os.replace): a kill never leaves a
-half-written file, and the temporary files a kill leaves are removed when a run starts and ends.
-
-The objective is an nn.Module (Objective below is stage 1's; joint_train.Joint extends it):
+The objective is an nn.Module (Objective below is stage 1's; joint_train.AlignedObjective extends it):
     forward(batch)  -> dict of scalar tensors: "loss" is minimised; every entry is logged, as the mean over
                        micro-batches and ranks, except keys starting with "n_" (counts), which are summed
     evaluate(batch) -> dict with "loss", "n_correct", "n_tokens" (validation, no gradient)
-    join()          -> None: take part in forward()'s collectives for a micro-batch with no readable item
+    skip_batch()    -> None: take part in forward()'s collectives for a micro-batch with no readable item
                        (nothing to do for an objective without any)
     save_trainable(path)                 weights for the next stage
     enable_gradient_checkpointing()
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -80,15 +60,13 @@ import time
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import data
 import runtime
 
 
-
 # ----------------------------------------------------------------------------- flags
-
-
 
 
 def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
@@ -206,7 +184,7 @@ class Objective(nn.Module):
         out = self.lsm.speech_forward(batch)
         return dict(loss=out["loss"], n_correct=out["n_correct"], n_tokens=out["n_tokens"])
 
-    def join(self):
+    def skip_batch(self):
         """A skipped micro-batch: stage 1's forward runs no collective, so there is nothing to take part in."""
 
     def save_trainable(self, path):
@@ -215,57 +193,224 @@ class Objective(nn.Module):
     def enable_gradient_checkpointing(self):
         """Recompute the LLM decoder layers in backward (non-reentrant: the dropout masks are replayed)."""
         causal, kw = self.lsm.causal_lm, {"use_reentrant": False}
-        if hasattr(causal, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if hasattr(causal, "activation_checkpointing_enable"):  # later 5.x; 5.0 has only gradient_checkpointing_enable
             causal.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
-# ----------------------------------------------------------------------------- pieces of the loop
+# ----------------------------------------------------------------------------- the loop
 
 
+COUNTS = ("bad_audio", "truncated")  # per-batch counts of data.Collator, summed over workers, ranks and steps
 
 
+def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None, bad_lines=0):
+    """Train `model` (the objective, see the module docstring) on `train_set` (items indexed like the
+    concatenation of sources with `sizes`, mixed with `weights`; default: one source, weight 1).
+    bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
+    Returns a summary dict (step, bad_steps, best validation, ...)."""
+    sizes, weights = sizes or [len(train_set)], weights or [1.0]
+    if sum(sizes) != len(train_set):
+        raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
+    with runtime.process_group(args.dist_timeout) as (rank, world, device):
+        return training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank,
+                             world, device)
 
 
+def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank, world,
+                  device):
+    """The loop: epochs of steps; after each step its log row, and the validation and checkpoint when due."""
+    print0 = print if rank == 0 else (lambda *a, **kw: None)
+    run, opt, sched, progress, metrics = start(args, model, sizes, rank, world, device, print0)
+    B, b, k = args.batch_size, run.micro_batch, run.grad_accum  # the global batch B = b x k x world
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    dev_loader = None if dev_set is None else DataLoader(
+        dev_set, batch_sampler=dev_batches(len(dev_set), b, rank, world), **loader_kw)
+    print0(f"training: {len(train_set)} items, global batch {B} = {b} per device x {k} accumulation x {world} "
+           f"process(es) on {device}, {sum(p.numel() for p in params):,} trainable parameters, steps "
+           f"{progress['step']} -> {args.max_steps}")
+    log, first_step, pending_save = StepLog(args, metrics, progress, rank), progress["step"], False
+    validated_at = progress["step"] if run.resumed else None
+    stop = None  # or "early_stop": --patience validations in a row without a new best (a resumed run may be there)
+    if dev_loader is not None and 0 < args.patience <= progress["since_best"]:
+        stop = "early_stop"
+    while stop is None and progress["step"] < args.max_steps:
+        order = epoch_order(sizes, weights, epoch_size or sum(sizes), args.seed, progress["epoch"])
+        if len(order) < B:
+            raise data.UserError(f"an epoch has {len(order)} items, fewer than one global batch (--batch-size {B})")
+        micro = rank_micro_batches(order, progress["step_in_epoch"], B, b, k, rank)
+        batches = iter(DataLoader(train_set, batch_sampler=micro, **loader_kw))
+        while stop is None and progress["step"] < args.max_steps and progress["step_in_epoch"] < len(order) // B:
+            lr = opt.param_groups[0]["lr"]
+            logs = train_step(model, opt, params, [next(batches) for _ in range(k)], progress["step"], args, rank,
+                              world, autocast)
+            count_step(logs, progress, args, run, print0)  # raises Diverged after --max-bad-steps non-finite steps
+            sched.step()
+            progress.update(step=progress["step"] + 1, step_in_epoch=progress["step_in_epoch"] + 1)
+            log.add(logs, lr, progress)  # a metrics.jsonl row every --log-every steps
+            if dev_loader is not None and progress["step"] % args.eval_every == 0:
+                stop = validate_and_keep_best(model, dev_loader, world, autocast, progress, args, metrics, run, print0)
+                validated_at = progress["step"]
+            if progress["step"] % args.save_every == 0 or pending_save:
+                pending_save = progress["bad_in_row"] > 0  # a checkpoint due in a non-finite streak waits for its end
+                if not pending_save:
+                    run.save(model, opt, sched, progress)
+            if args.stop_after_steps and progress["step"] == first_step + args.stop_after_steps:
+                log.close()
+                print0(f"--stop-after-steps {args.stop_after_steps}: stopping at step {progress['step']} without a "
+                       f"checkpoint")
+                return dict(progress, stopped="stop_after_steps")
+        if progress["step_in_epoch"] >= len(order) // B:
+            progress.update(epoch=progress["epoch"] + 1, step_in_epoch=0)
+    log.close()
+    if dev_loader is not None and validated_at != progress["step"] and stop is None:
+        validate_and_keep_best(model, dev_loader, world, autocast, progress, args, metrics, run, print0)
+    if run.saved_at != progress["step"]:
+        if progress["bad_in_row"] == 0:
+            run.save(model, opt, sched, progress)
+        else:
+            print0(f"not saving at the end: the last {progress['bad_in_row']} steps were non-finite; the last "
+                   f"checkpoint is from step {run.saved_at}")
+    end = dict(progress, event="end", stopped=stop or "max_steps", bad_lines=bad_lines,
+               max_param_diff_across_ranks=runtime.max_rank_divergence(params, world))
+    metrics.write(end)
+    run.close()
+    print0(summary(end, args.output_dir))
+    return end
 
 
-def batch_layout(args, world):
-    """-> (per-device batch b, accumulation k) with b * k * world == --batch-size, or ValueError naming the flags."""
-    B, b, k = args.batch_size, args.per_device_batch_size, args.grad_accum
-    if b is None and k is None:
-        k = 1
-    if b is None:
-        b = B // (k * world) if B % (k * world) == 0 else 0
-    elif k is None:
-        k = B // (b * world) if B % (b * world) == 0 else 0
-    if b < 1 or k < 1 or b * k * world != B:
-        raise data.UserError(f"--batch-size {B} (global) must equal --per-device-batch-size x --grad-accum x number of "
-                             f"processes ({world}); got --per-device-batch-size {args.per_device_batch_size} and "
-                             f"--grad-accum {args.grad_accum}")
-    return b, k
+def start(args, model, sizes, rank, world, device, print0):
+    """The run folder (runtime.RunFolder: on --resume the checkpoint is read and checked), the model on `device`,
+    AdamW and its schedule, and the progress of the run: fresh, or the checkpoint's (whose settings the optimizer then
+    follows, or this run's changed ones with --resume-changes apply). -> run, opt, sched, progress, metrics."""
+    run = runtime.RunFolder(args, sizes, rank, world, print0)
+    model.to(device).train()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    opt, sched = build_optimizer(model, args)
+    progress = dict(step=0, epoch=0, step_in_epoch=0, bad_steps=0, bad_in_row=0, best_acc=None, best_step=None,
+                    since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS})
+    if run.resume(model, opt, sched, progress):
+        apply_settings(opt, sched, args, progress["step"])
+    metrics = run.open_records(progress)  # args.json, metrics.jsonl
+    runtime.broadcast_parameters([p for p in model.parameters() if p.requires_grad], world)
+    return run, opt, sched, progress, metrics
 
 
-def resume_layout(args, world, ck, path):
-    """The batch layout of a resumed run: the checkpoint's micro-batch size b is kept (unless
-    --per-device-batch-size says otherwise, a change of setting), the accumulation becomes B / (b x processes).
-    With the same b every step consists of the same micro-batches with the same dropout seeds, whatever the
-    number of processes: only the order of the float additions of the gradient sum changes. Where B / (b x
-    processes) is not a whole number, stop with what would work."""
-    b = args.per_device_batch_size if args.per_device_batch_size is not None else ck["micro_batch"]
-    B = args.batch_size
-    if B % (b * world) == 0 and (args.grad_accum is None or args.grad_accum * b * world == B):
-        return b, B // (b * world)
-    if args.grad_accum is not None and B % (b * world) == 0:
-        given = argparse.Namespace(batch_size=B, per_device_batch_size=b, grad_accum=args.grad_accum)
-        return batch_layout(given, world)
-    fits = [w for w in range(1, B // b + 1) if (B // b) % w == 0] if B % b == 0 else []
-    raise data.UserError(
-        f"--resume: {path} was trained with micro-batches of {ck['micro_batch']} per device (global batch {B} = "
-        f"{ck['micro_batch']} x {ck.get('grad_accum', '?')} accumulation x {ck['world_size']} processes); with "
-        f"{world} processes and micro-batches of {b}, {B} / ({b} x {world}) is not a whole number of accumulation "
-        f"steps. Resume with {' or '.join(map(str, fits))} processes (the same steps), or choose another micro-batch "
-        f"with --per-device-batch-size N --resume-changes apply (the steps then average other groups of items)")
+def train_step(model, opt, params, micro, step, args, rank, world, autocast):
+    """One optimiser step over this rank's k micro-batches. A micro-batch with no readable item (data.is_empty) runs
+    no forward; every other one back-propagates its loss (the mean over its own items' target tokens). Then one
+    gather of the logged sums and counts, and one all-reduce of the gradient sums; the step's gradient is their
+    sum divided by n = the number of non-empty micro-batches of the whole step (all ranks). So an unreadable item
+    costs only its own absence, wherever it is; with no bad data n = W*k and the gradient is the mean over the
+    W*k micro-batch losses for any factorisation of B. The update is applied only if the loss and gradient norm are
+    finite, and not at all if n == 0. Returns logs (identical on every rank): means over the non-empty micro-batches
+    ("loss", ...; counts "n_*" summed), "grad_norm", "n_bad_audio", "n_truncated", "skipped" (non-finite) and
+    "empty" (n == 0)."""
+    k = len(micro)
+    opt.zero_grad(set_to_none=True)
+    sums, counts, used = {}, {c: 0 for c in COUNTS}, 0
+    for j, batch in enumerate(micro):
+        for c, v in data.batch_counts(batch).items():
+            counts[c] = counts.get(c, 0) + v
+        if data.is_empty(batch):
+            model.skip_batch()  # the collectives this micro-batch's forward would have run
+            continue
+        torch.manual_seed(micro_seed(args.seed, step, rank * k + j))  # dropout independent of world size
+        with autocast():
+            out = model(batch)
+        out["loss"].backward()
+        used += 1
+        for key, v in out.items():
+            sums[key] = sums.get(key, 0.0) + v.detach().double().item()
+    parts = runtime.all_gather_objects((used, sums, counts), world)  # summed in rank order: identical on every rank
+    n = sum(p[0] for p in parts)
+    logs = {f"n_{c}": sum(p[2].get(c, 0) for p in parts) for c in COUNTS}
+    if n == 0:
+        opt.zero_grad(set_to_none=True)
+        return dict(logs, skipped=False, empty=True)
+    keys = sorted({key for p in parts for key in p[1]})
+    for key in keys:
+        total = sum(p[1].get(key, 0.0) for p in parts)
+        logs[key] = total if key.startswith("n_") else total / n
+    runtime.sync_gradients(params, world, n)
+    grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    logs["grad_norm"] = grad_norm.item()  # the same on every rank: the gradients are
+    logs["skipped"] = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
+    logs["empty"] = False
+    if logs["skipped"]:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    return logs
+
+
+def count_step(logs, progress, args, run, print0):
+    """Add a step's data counts to progress, and count a step with no readable item (no update) and a non-finite
+    one (skipped by train_step); --max-bad-steps non-finite steps in a row raise Diverged, naming the last checkpoint,
+    which is from before them."""
+    for c in COUNTS:
+        progress["counts"][c] += logs[f"n_{c}"]
+    if logs.pop("empty"):
+        progress["empty_steps"] += 1
+        print0(f"\nstep {progress['step']}: no readable audio in the whole batch: no update")
+    if not logs.pop("skipped"):
+        if "loss" in logs:
+            progress["bad_in_row"] = 0
+        return
+    progress["bad_steps"] += 1
+    progress["bad_in_row"] += 1
+    print0(f"\nstep {progress['step']}: non-finite loss {logs['loss']} / gradient norm {logs['grad_norm']}: "
+           f"skipped ({progress['bad_in_row']} in a row, {progress['bad_steps']} in total)")
+    if progress["bad_in_row"] >= args.max_bad_steps:
+        raise Diverged(
+            f"{progress['bad_in_row']} non-finite steps in a row (last: step {progress['step']}) reached "
+            f"--max-bad-steps {args.max_bad_steps}; stopping without saving. The last good checkpoint, written "
+            f"before these steps: "
+            + (f"{run.path} (step {run.saved_at})." if run.saved_at is not None else "none yet.")
+            + " Resume from it with a lower --lr, --grad-clip 1.0 or --dtype float32 (--resume --resume-changes "
+              "apply), or start again.")
+
+
+class Diverged(data.UserError, FloatingPointError):
+    """--max-bad-steps non-finite steps in a row."""
+
+
+def validate_and_keep_best(model, loader, world, autocast, progress, args, metrics, run, print0):
+    """Validate; a strictly better accuracy is the new best (saved to best.safetensors); --patience
+    validations in a row without one stop the run (returns "early_stop")."""
+    res = validate(model, loader, world, autocast)
+    if progress["best_acc"] is None or res["acc"] > progress["best_acc"]:
+        progress.update(best_acc=res["acc"], best_step=progress["step"], since_best=0)
+        run.save_best(model)
+    else:
+        progress["since_best"] += 1
+    metrics.write(dict(split="dev", step=progress["step"], **res, best_acc=progress["best_acc"],
+                       since_best=progress["since_best"]))
+    print0(f"\nstep {progress['step']}: dev acc {res['acc']:.4f} loss {res['loss']:.4f} (best "
+           f"{progress['best_acc']:.4f} at step {progress['best_step']}; {progress['since_best']} without a new best)")
+    if args.patience > 0 and progress["since_best"] >= args.patience:
+        print0(f"early stop: {args.patience} validations without a new best accuracy")
+        return "early_stop"
+    return None
+
+
+def summary(end, out_dir):
+    """The run's last line: where it stopped, what was skipped, where the weights are."""
+    c = end["counts"]
+    return (f"done at step {end['step']} ({end['stopped']}); {end['bad_steps']} skipped steps; data: "
+            f"{end['bad_lines']} bad manifest line(s) skipped, {c['bad_audio']} unreadable clip read(s) skipped, "
+            f"{c['truncated']} clip(s) cut to Whisper's window"
+            + (f", {end['empty_steps']} step(s) without any readable clip" if end["empty_steps"] else "")
+            + f"; weights in {os.path.join(out_dir, runtime.LAST)}"
+            + (f", best (acc {end['best_acc']:.4f} at step {end['best_step']}) in {os.path.join(out_dir, runtime.BEST)}"
+               if end["best_acc"] is not None else ""))
+
+
+# ----------------------------------------------------------------------------- schedule and optimizer
 
 
 def lr_at(step, args):
@@ -302,20 +447,7 @@ def apply_settings(opt, sched, args, step):
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
-# ----------------------------------------------------------------------------- what a resume may change
-
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- pieces of the loop
+# ----------------------------------------------------------------------------- data order
 
 
 def epoch_order(sizes, weights, epoch_size, seed, epoch):
@@ -341,33 +473,14 @@ def micro_seed(seed, step, index):
     return random.Random(f"{seed}:{step}:{index}").getrandbits(63)
 
 
+def dev_batches(n, b, rank, world):
+    """Validation: rank `rank` of `world` takes the items rank, rank + world, ... in batches of b (validation sums
+    over all items, so how they are split does not matter)."""
+    items = list(range(n))[rank::world]
+    return [items[i:i + b] for i in range(0, len(items), b)]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-COUNTS = ("bad_audio", "truncated")  # per-batch counts of data.Collator, summed over workers, ranks and steps
+# ----------------------------------------------------------------------------- validation and logs
 
 
 @torch.no_grad()
@@ -393,59 +506,6 @@ def validate(model, loader, world, autocast):
     return res
 
 
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def train_step(model, opt, params, micro, step, args, rank, world, autocast):
-    """One optimiser step over this rank's k micro-batches. A micro-batch with no readable item (data.is_empty) runs
-    no forward; every other one back-propagates its loss (the mean over its own items' target tokens). Then one
-    gather of the logged sums and counts, and one all-reduce of the gradient sums; the step's gradient is their
-    sum divided by n = the number of non-empty micro-batches of the whole step (all ranks). So an unreadable item
-    costs only its own absence, wherever it is; with no bad data n = W*k and the gradient is the mean over the
-    W*k micro-batch losses for any factorisation of B. The update is applied only if the loss and gradient norm are
-    finite, and not at all if n == 0. Returns logs (identical on every rank): means over the non-empty micro-batches
-    ("loss", ...; counts "n_*" summed), "grad_norm", "n_bad_audio", "n_truncated", "skipped" (non-finite) and
-    "empty" (n == 0)."""
-    k = len(micro)
-    opt.zero_grad(set_to_none=True)
-    sums, counts, used = {}, {c: 0 for c in COUNTS}, 0
-    for j, batch in enumerate(micro):
-        for c, v in data.batch_counts(batch).items():
-            counts[c] = counts.get(c, 0) + v
-        if data.is_empty(batch):
-            model.join()  # the collectives this micro-batch's forward would have run
-            continue
-        torch.manual_seed(micro_seed(args.seed, step, rank * k + j))  # dropout independent of world size
-        with autocast():
-            out = model(batch)
-        out["loss"].backward()
-        used += 1
-        for key, v in out.items():
-            sums[key] = sums.get(key, 0.0) + v.detach().double().item()
-    parts = runtime.all_gather_objects((used, sums, counts), world)  # summed in rank order: identical on every rank
-    n = sum(p[0] for p in parts)
-    logs = {f"n_{c}": sum(p[2].get(c, 0) for p in parts) for c in COUNTS}
-    if n == 0:
-        opt.zero_grad(set_to_none=True)
-        return dict(logs, skipped=False, empty=True)
-    keys = sorted({key for p in parts for key in p[1]})
-    for key in keys:
-        total = sum(p[1].get(key, 0.0) for p in parts)
-        logs[key] = total if key.startswith("n_") else total / n
-    runtime.sync_gradients(params, world, n)
-    grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    logs["grad_norm"] = grad_norm.item()  # the same on every rank: the gradients are
-    logs["skipped"] = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
-    logs["empty"] = False
-    if logs["skipped"]:
-        opt.zero_grad(set_to_none=True)
-    else:
-        opt.step()
-    return logs
-
-
 def mean_logs(rows):
     """Average step logs over a logging window: each value over the steps that have it (a step whose every item
     was unreadable has no loss), counts n_* summed; acc = n_correct / n_tokens if present."""
@@ -458,215 +518,27 @@ def mean_logs(rows):
     return out
 
 
-def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_size=None, dev_set=None, bad_lines=0):
-    """Train `model` (the objective, see the module docstring) on `train_set` (items indexed like the
-    concatenation of sources with `sizes`, mixed with `weights`; default: one source, weight 1).
-    bad_lines: manifest lines the caller skipped (--skip-bad), for the record.
-    Returns a summary dict (step, bad_steps, best validation, ...)."""
-    with runtime.process_group(getattr(args, "dist_timeout", 60.0)) as (rank, world, device):
-        return _train(args, model, train_set, collate, sizes or [len(train_set)], weights or [1.0],
-                      epoch_size, dev_set, rank, world, device, bad_lines)
+class StepLog:
+    """The training rows of metrics.jsonl (every --log-every steps and at --max-steps: means over those steps,
+    mean_logs; the lr of the last one; samples per second) and the progress bar."""
 
+    def __init__(self, args, metrics, progress, rank):
+        self.args, self.metrics, self.window, self.t_last = args, metrics, [], time.time()
+        self.bar = tqdm(total=args.max_steps, initial=progress["step"], disable=rank != 0, dynamic_ncols=True,
+                        desc="train")
 
+    def add(self, logs, lr, progress):
+        self.bar.update(1)
+        self.window.append(logs)
+        if progress["step"] % self.args.log_every and progress["step"] != self.args.max_steps:
+            return
+        now = time.time()
+        row = dict(mean_logs(self.window), step=progress["step"], lr=lr, bad_steps=progress["bad_steps"],
+                   samples_per_s=len(self.window) * self.args.batch_size / max(now - self.t_last, 1e-9))
+        self.metrics.write(row)
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+        self.window, self.t_last = [], now
 
-
-
-
-def _train(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, rank, world, device, bad_lines):
-    from tqdm import tqdm
-    B, out_dir = args.batch_size, args.output_dir
-    say = print if rank == 0 else (lambda *a, **kw: None)
-    if sum(sizes) != len(train_set):
-        raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, runtime.CHECKPOINT)
-    if os.path.exists(ckpt_path) and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --output-dir")
-    if rank == 0:
-        removed = runtime.clean_temporaries(out_dir, runtime.OWN_FILES)
-        if removed:
-            say(f"removed {len(removed)} temporary file(s) left by a killed save in {out_dir}: {', '.join(removed)}")
-
-    resumed = args.resume and os.path.exists(ckpt_path)
-    ck = runtime.read_checkpoint(ckpt_path) if resumed else None
-    if ck is not None:
-        runtime.check_fixed(ck, args, sizes, ckpt_path)
-    if ck is not None and "micro_batch" in ck:
-        b, k = resume_layout(args, world, ck, ckpt_path)
-    else:
-        b, k = batch_layout(args, world)
-    rec = runtime.training_record(args, b)
-    changes = runtime.check_changes(ck, rec, args, ckpt_path) if ck is not None else []
-    history = list(ck.get("history", [])) if ck is not None else []
-
-    model.to(device).train()
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = build_optimizer(model, args)
-    st = dict(step=0, epoch=0, step_in_epoch=0, bad_steps=0, bad_in_row=0, best_acc=None, best_step=None,
-              since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS})
-    layout_note = None
-    if ck is not None:
-        runtime.load_checkpoint(ck, ckpt_path, model, opt, sched, st, rank, world)
-        say(f"resumed {ckpt_path} at step {st['step']} (epoch {st['epoch']}, step {st['step_in_epoch']} of it)")
-        if changes:
-            apply_settings(opt, sched, args, st["step"])
-            history.append(dict(step=st["step"], changes={k_: dict(old=o, new=n) for k_, o, n in changes}))
-            say(f"--resume-changes apply: from step {st['step']} on " + ", ".join(
-                f"{runtime.flag(k_)} {n!r} (was {o!r})" for k_, o, n in changes))
-        if (ck["world_size"], ck.get("grad_accum", k)) != (world, k):
-            layout_note = dict(world_size=[ck["world_size"], world], grad_accum=[ck.get("grad_accum"), k],
-                               per_device_batch_size=b)
-            say(f"--resume: {ck['world_size']} -> {world} process(es): micro-batches of {b} per device kept, "
-                f"accumulation {ck.get('grad_accum')} -> {k}; every step has the same micro-batches and dropout "
-                f"masks (reseeded per micro-batch), only the order of the float additions of the gradient changes")
-    elif args.resume:
-        say(f"--resume: no {ckpt_path} yet, starting from scratch")
-    meta = dict(record=rec, history=history, sizes=list(sizes), micro_batch=b, grad_accum=k)
-    if rank == 0:
-        record = dict(vars(args), layout=dict(per_device_batch_size=b, grad_accum=k, world_size=world),
-                      resume_history=history)
-        runtime.atomic(os.path.join(out_dir, runtime.ARGS), lambda p: runtime.write_text(p, json.dumps(record, indent=1, default=str)))
-    metrics = runtime.Metrics(out_dir, rank, st["step"] if resumed else None)
-    if changes or layout_note:
-        metrics.write(dict(event="resume", step=st["step"], changes=history[-1]["changes"] if changes else {},
-                           **(layout_note or {})))
-
-    runtime.broadcast_parameters(params, world)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    dev_loader = None
-    if dev_set is not None:
-        mine = list(range(len(dev_set)))[rank::world]
-        dev_loader = DataLoader(dev_set, batch_sampler=[mine[i:i + b] for i in range(0, len(mine), b)], **loader_kw)
-
-    say(f"training: {len(train_set)} items, global batch {B} = {b} per device x {k} accumulation x {world} "
-        f"process(es) on {device}, {sum(p.numel() for p in params):,} trainable parameters, steps "
-        f"{st['step']} -> {args.max_steps}")
-    bar = tqdm(total=args.max_steps, initial=st["step"], disable=rank != 0, dynamic_ncols=True, desc="train")
-    window, t_last, steps_run, stop = [], time.time(), 0, None
-    validated_at = saved_at = st["step"] if resumed else None
-    pending_save = False  # a checkpoint due during a streak of non-finite steps waits for a finite one
-    if dev_loader is not None and args.patience > 0 and st["since_best"] >= args.patience:
-        stop = "early_stop"  # a resumed run that had already stopped early
-    while stop is None and st["step"] < args.max_steps:
-        order = epoch_order(sizes, weights, epoch_size or sum(sizes), args.seed, st["epoch"])
-        if len(order) < B:
-            raise data.UserError(f"an epoch has {len(order)} items, fewer than one global batch (--batch-size {B})")
-        micro = rank_micro_batches(order, st["step_in_epoch"], B, b, k, rank)
-        batches = iter(DataLoader(train_set, batch_sampler=micro, **loader_kw))
-        while stop is None and st["step"] < args.max_steps and st["step_in_epoch"] < len(order) // B:
-            lr = opt.param_groups[0]["lr"]
-            logs = train_step(model, opt, params, [next(batches) for _ in range(k)], st["step"], args, rank, world,
-                              autocast)
-            for c in COUNTS:
-                st["counts"][c] += logs[f"n_{c}"]
-            if logs.pop("empty"):
-                st["empty_steps"] += 1
-                say(f"\nstep {st['step']}: no readable audio in the whole batch: no update")
-            if logs.pop("skipped"):
-                st["bad_steps"] += 1
-                st["bad_in_row"] += 1
-                say(f"\nstep {st['step']}: non-finite loss {logs['loss']} / gradient norm {logs['grad_norm']}: "
-                    f"skipped ({st['bad_in_row']} in a row, {st['bad_steps']} in total)")
-                if st["bad_in_row"] >= args.max_bad_steps:
-                    raise Diverged(
-                        f"{st['bad_in_row']} non-finite steps in a row (last: step {st['step']}) reached "
-                        f"--max-bad-steps {args.max_bad_steps}; stopping without saving. The last good checkpoint, "
-                        f"written before these steps: "
-                        + (f"{ckpt_path} (step {saved_at})." if saved_at is not None else "none yet.")
-                        + " Resume from it with a lower --lr, --grad-clip 1.0 or --dtype float32 (--resume "
-                          "--resume-changes apply), or start again.")
-            elif "loss" in logs:
-                st["bad_in_row"] = 0
-            sched.step()
-            st["step"] += 1
-            st["step_in_epoch"] += 1
-            steps_run += 1
-            bar.update(1)
-            window.append(logs)
-
-            # ---- log, validate, checkpoint
-            if st["step"] % args.log_every == 0 or st["step"] == args.max_steps:
-                now = time.time()
-                row = dict(mean_logs(window), step=st["step"], lr=lr, bad_steps=st["bad_steps"],
-                           samples_per_s=len(window) * B / max(now - t_last, 1e-9))
-                metrics.write(row)
-                if "loss" in row:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
-                window, t_last = [], now
-            if dev_loader is not None and st["step"] % args.eval_every == 0:
-                stop = _validate_and_keep_best(model, dev_loader, world, autocast, st, args, metrics, say, rank)
-                validated_at = st["step"]
-            if st["step"] % args.save_every == 0 or pending_save:
-                if st["bad_in_row"] == 0:
-                    runtime.save_checkpoint(model, opt, sched, st, args, rank, world, meta)
-                    saved_at, pending_save = st["step"], False
-                else:  # the weights are those of the streak's start, but this position may never be good again
-                    pending_save = True
-            if args.stop_after_steps and steps_run == args.stop_after_steps:
-                bar.close()
-                say(f"--stop-after-steps {args.stop_after_steps}: stopping at step {st['step']} without a checkpoint")
-                return dict(st, stopped="stop_after_steps")
-        if st["step_in_epoch"] >= len(order) // B:
-            st["epoch"] += 1
-            st["step_in_epoch"] = 0
-    bar.close()
-    if dev_loader is not None and validated_at != st["step"] and stop is None:
-        _validate_and_keep_best(model, dev_loader, world, autocast, st, args, metrics, say, rank)
-    if saved_at != st["step"]:
-        if st["bad_in_row"] == 0:
-            runtime.save_checkpoint(model, opt, sched, st, args, rank, world, meta)
-        else:
-            say(f"not saving at the end: the last {st['bad_in_row']} steps were non-finite; the last checkpoint "
-                f"is from step {saved_at}")
-    end = dict(st, event="end", stopped=stop or "max_steps", bad_lines=bad_lines,
-               max_param_diff_across_ranks=runtime.max_rank_divergence(params, world))
-    metrics.write(end)
-    if rank == 0:
-        runtime.clean_temporaries(out_dir, runtime.OWN_FILES)
-    c = st["counts"]
-    say(f"done at step {st['step']} ({end['stopped']}); {st['bad_steps']} skipped steps; data: {bad_lines} bad "
-        f"manifest line(s) skipped, {c['bad_audio']} unreadable clip read(s) skipped, {c['truncated']} clip(s) cut "
-        f"to Whisper's window" + (f", {st['empty_steps']} step(s) without any readable clip" if st["empty_steps"]
-                                   else "") + f"; weights in {os.path.join(out_dir, runtime.LAST)}"
-        + (f", best (acc {st['best_acc']:.4f} at step {st['best_step']}) in {os.path.join(out_dir, runtime.BEST)}"
-           if st["best_acc"] is not None else ""))
-    return end
-
-
-class Diverged(data.UserError, FloatingPointError):
-    """--max-bad-steps non-finite steps in a row."""
-
-
-def _validate_and_keep_best(model, loader, world, autocast, st, args, metrics, say, rank):
-    """Validate; a strictly better accuracy is the new best (saved to best.safetensors); --patience
-    validations in a row without one stop the run (returns "early_stop")."""
-    res = validate(model, loader, world, autocast)
-    if st["best_acc"] is None or res["acc"] > st["best_acc"]:
-        st.update(best_acc=res["acc"], best_step=st["step"], since_best=0)
-        if rank == 0:
-            runtime.save_weights(model, os.path.join(args.output_dir, runtime.BEST))
-    else:
-        st["since_best"] += 1
-    metrics.write(dict(split="dev", step=st["step"], **res, best_acc=st["best_acc"], since_best=st["since_best"]))
-    say(f"\nstep {st['step']}: dev acc {res['acc']:.4f} loss {res['loss']:.4f} (best {st['best_acc']:.4f} at step "
-        f"{st['best_step']}; {st['since_best']} without a new best)")
-    if args.patience > 0 and st["since_best"] >= args.patience:
-        say(f"early stop: {args.patience} validations without a new best accuracy")
-        return "early_stop"
-    return None
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-
-
-
-
+    def close(self):
+        self.bar.close()

@@ -258,8 +258,8 @@ def stage3_step(rounds=15, B=16):
         lsm, sentences = demo_model(folder)
         batch = demo_batch(lsm, sentences, B)
         layers = (0, 1, 2, 3, 4)
-        objectives = {"none": joint_train.Joint(lsm, "none").train(),
-                      "ot": joint_train.Joint(lsm, "ot", layers=layers).train()}
+        objectives = {"none": joint_train.AlignedObjective(lsm, "none").train(),
+                      "ot": joint_train.AlignedObjective(lsm, "ot", layers=layers).train()}
         params = [p for p in lsm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
 

@@ -77,12 +77,13 @@ def test_w_falls_with_align_ot(setup, tmp_path):
 
 
 def test_eq6_by_hand(setup, tiny_ckpts):
-    """Joint's loss = alpha CE + (1 - alpha)/|I| sum_l W_l, W_l = batch mean of ot.wasserstein on the real speech
-    windows vs the transcript states, computed here layer by layer (Joint batches the layers in one call)."""
+    """AlignedObjective's loss = alpha CE + (1 - alpha)/|I| sum_l W_l, W_l = batch mean of ot.wasserstein on the real
+    speech windows vs the transcript states, computed here layer by layer (AlignedObjective batches the layers in one
+    call)."""
     import ot
     lsm = M.LSM.from_trainable(setup["init"], verbose=False).eval()  # eval: no dropout, so both passes agree
     batch = make_batch(tiny_ckpts["qwen2"]["whisper"], [2.0, 1.0, 1.5])
-    obj = joint_train.Joint(lsm, "ot", layers=(0, 2, 3), alpha=0.9).eval()
+    obj = joint_train.AlignedObjective(lsm, "ot", layers=(0, 2, 3), alpha=0.9).eval()
     with torch.no_grad():
         got = obj(batch)
         out = lsm.speech_forward(batch, (0, 2, 3))
@@ -99,7 +100,7 @@ def test_no_gradient_into_text_side_or_frozen_weights(setup, tiny_ckpts):
     with torch.no_grad():  # LoRA B starts at 0: move it so LoRA A gets gradients too
         for n, p in lsm.trainable_state().items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-    obj = joint_train.Joint(lsm, "ot", layers=(0, 1), alpha=0.99).train()
+    obj = joint_train.AlignedObjective(lsm, "ot", layers=(0, 1), alpha=0.99).train()
     text_states = []
     real_text_forward = lsm.text_forward
 
@@ -119,7 +120,7 @@ def test_no_gradient_into_text_side_or_frozen_weights(setup, tiny_ckpts):
     assert all(g is not None and g.abs().sum() > 0 for g in lora)
     # with alpha = 0 and layer 0 only, the loss is W_0 between the projector output and frozen token embeddings:
     # nothing of it reaches LoRA (it would through the text side, were that not detached, for deeper layers)
-    obj = joint_train.Joint(lsm, "ot", layers=(0,), alpha=0.0).train()
+    obj = joint_train.AlignedObjective(lsm, "ot", layers=(0,), alpha=0.0).train()
     obj.zero_grad(set_to_none=True)
     obj(batch)["loss"].backward()
     assert all(p.grad is None or (p.grad == 0).all() for n, p in obj.named_parameters() if "lora_" in n)
@@ -141,7 +142,7 @@ def test_n_pair_loss_by_hand():
 
 def test_ctc_uses_real_windows_and_transcript_ids(setup, tiny_ckpts, monkeypatch):
     lsm = M.LSM.from_trainable(setup["init"], verbose=False)
-    obj = joint_train.Joint(lsm, "ctc", alpha=0.5)
+    obj = joint_train.AlignedObjective(lsm, "ctc", alpha=0.5)
     seen = {}
 
     def fake_ctc(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity):
@@ -266,11 +267,12 @@ def test_align_positions_and_ot_cost_by_hand(setup, tiny_ckpts, speech_tokens):
     got = {}
     for positions in ("real", "all"):
         for cost in ("sqeuclidean", "cosine"):
-            obj = joint_train.Joint(lsm, "ot", layers=(0, 2), alpha=0.9, align_positions=positions, ot_cost=cost)
+            obj = joint_train.AlignedObjective(lsm, "ot", layers=(0, 2), alpha=0.9, align_positions=positions,
+                                               ot_cost=cost)
             with torch.no_grad():
                 res = obj.eval()(batch)
             mask = real if positions == "real" else seen
-            n = int(mask.sum(1).max())  # as Joint: the positions after the last aligned one are cut (see test_eq6)
+            n = int(mask.sum(1).max())  # as AlignedObjective: the positions after the last aligned one are cut
             for l in (0, 2):
                 x, y, mask = out["hidden"][l][:, :n], text[l], mask[:, :n]
                 expected = (ot.wasserstein(x, y, mask, tmask) if cost == "sqeuclidean" else
@@ -284,7 +286,7 @@ def test_align_positions_and_ot_cost_by_hand(setup, tiny_ckpts, speech_tokens):
             else:  # 82-85 more windows per clip (how much W moves depends on the model: checked by hand above)
                 assert got["real", cost, l] != got["all", cost, l], (cost, l)
     with pytest.raises(ValueError, match="--align-positions"):
-        joint_train.Joint(lsm, "ot", layers=(0,), align_positions="some")
+        joint_train.AlignedObjective(lsm, "ot", layers=(0,), align_positions="some")
 
 
 def test_flags_reach_args_json(setup, tmp_path):
@@ -300,7 +302,7 @@ def _cl_rank(rank, world, port, s_all, t_all, sizes, tau, folder):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         lo = sum(sizes[:rank])
-        if sizes[rank] == 0:  # a micro-batch with no readable item: no forward, Joint.join's zero rows instead
+        if sizes[rank] == 0:  # a micro-batch with no readable item: no forward, skip_batch's zero rows instead
             joint_train.gather_rows(torch.zeros(0, s_all.shape[1], dtype=s_all.dtype))
             return
         s = s_all[lo:lo + sizes[rank]].clone().requires_grad_(True)
@@ -316,8 +318,9 @@ def test_contrastive_negatives_come_from_the_global_batch(tmp_path, sizes):
     """2 gloo ranks: each speech item is contrasted with the texts of both ranks. Equal shards: the mean of the ranks'
     losses is the loss of one process on the joined batch, and (DDP averages the ranks' gradients) 1/2 x each rank's
     gradient is the joined loss's gradient for its rows. Unequal shards (a --skip-bad batch): each rank's loss is the
-    mean of its items' terms of the joined batch; a rank with no item at all takes part through Joint.join's zero
-    rows (else the other rank would wait in its all_gather forever). float64 throughout; the sums differ only in order (1e-12)."""
+    mean of its items' terms of the joined batch; a rank with no item at all takes part through
+    AlignedObjective.skip_batch's zero rows (else the other rank would wait in its all_gather forever). float64
+    throughout; the sums differ only in order (1e-12)."""
     import torch.multiprocessing as mp
     from test_train import free_port
     g = torch.Generator().manual_seed(0)

@@ -46,11 +46,11 @@ def autocast(dtype):
 
 
 def stage3_step(lsm, align, dtype, batch, layers=(0, 1)):
-    """One stage-3 forward and backward as train.train_step runs them: Joint's forward under --dtype's autocast, the
+    """One stage-3 forward and backward as train.train_step runs them: the forward under --dtype's autocast, the
     backward outside it. Eval mode (no dropout), so that runs in different precisions see the same network; the CTC
     head gets the same seeded init every time."""
     torch.manual_seed(0)
-    obj = joint_train.Joint(lsm, align, layers=layers, alpha=0.9).eval()
+    obj = joint_train.AlignedObjective(lsm, align, layers=layers, alpha=0.9).eval()
     obj.zero_grad(set_to_none=True)
     with autocast(dtype):
         out = obj(batch)
@@ -170,7 +170,7 @@ def test_float16_training_is_refused(tiny_models, tmp_path):
     """No gradient scaler: a float16 LLM is refused for training before anything is written."""
     lsm = M.LSM.from_trainable(tiny_models["path"], llm_dtype="float16", verbose=False)
     with pytest.raises(ValueError, match="--llm-dtype float16: training with a float16 LLM is not supported"):
-        joint_train.Joint(lsm, "none")
+        joint_train.AlignedObjective(lsm, "none")
     manifest = write_manifest(tmp_path, "train", ZH_ROWS[:2])
     with pytest.raises(ValueError, match="--llm-dtype bfloat16"):
         joint_train.main(["--init", tiny_models["path"], "--train", manifest, "--output-dir", str(tmp_path / "run"),

@@ -31,7 +31,7 @@ class Toy(nn.Module):
         self.norm = nn.LayerNorm(4)
         self.lin = nn.Linear(4, 1)
         self.nan_calls, self.accs, self.calls, self.evals, self.seen = set(nan_calls), list(accs), 0, 0, []
-        self.joins = 0  # join() calls: micro-batches skipped for having no readable item
+        self.skips = 0  # skip_batch() calls: micro-batches skipped for having no readable item
 
     def forward(self, batch):
         self.seen.append(self.lin.weight.detach().clone())
@@ -41,8 +41,8 @@ class Toy(nn.Module):
         self.calls += 1
         return dict(loss=loss, mse=loss.detach())
 
-    def join(self):
-        self.joins += 1
+    def skip_batch(self):
+        self.skips += 1
 
     def evaluate(self, batch):
         acc = self.accs[self.evals]
