@@ -61,6 +61,7 @@ from unittest import mock
 import torch
 
 import beats as beats_lib
+import config
 import joint_train
 import model as M
 import tiny
@@ -95,7 +96,7 @@ def parser():
     g.add_argument("--num-beams", type=int, default=4, help="decoding: beam size (evaluate.py default)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="decoding: new tokens (all of them are generated)")
     g.add_argument("--decode-batch-size", type=int, default=8, help="decoding: utterances per batch and GPU")
-    M.add_model_args(p)
+    config.add_model_args(p)
     train.add_train_args(p, warmup_steps=3000, max_steps=80000)
     for action in p._actions:  # a report writes nothing
         if action.dest == "output_dir":
@@ -134,7 +135,7 @@ def backbones_from_configs(device, layers=None):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         with torch.device(device):
             model = cls._from_config(_with_depth(config, layers), **({"dtype": dtype} if dtype else {}))
-        if kwargs.get("output_loading_info"):  # model._WhisperEncoderOnly checks that no weight was missing
+        if kwargs.get("output_loading_info"):  # model.WhisperEncoderOnly checks that no weight was missing
             return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
         return model
 
@@ -397,7 +398,7 @@ def measure_decode(args, lsm, device):
     with peak_memory(device) as enc, evaluate.autocast(lsm):  # the encoders' transient: per clip, not per layer
         inp = lsm.splice(lsm._speech_middles(*lsm.encode_speech(batch)), batch["instructions"], left_pad=True)
     # KV cache (per layer) + logits and beam state; the packed LM-head input is what a GPU run's kernels see
-    with peak_memory(device) as gen, evaluate.autocast(lsm), lsm.packed_lm_head():
+    with peak_memory(device) as gen, evaluate.autocast(lsm), M.packed_lm_head(lsm.causal_lm):
         ids = lsm.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, do_sample=False, eos_token_id=lsm.eos_id,

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import config
 import model as M
 from conftest import TINY_QFORMER, make_batch
 
@@ -510,7 +511,7 @@ def test_generate_stops_at_eos_mid_sequence(tiny_ckpts, batch5, family, beams):
 
 
 def test_flags_and_from_args(tiny_ckpts):
-    parser = M.add_model_args(argparse.ArgumentParser())
+    parser = config.add_model_args(argparse.ArgumentParser())
     d = parser.parse_args([])
     assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets) == (8, 32, 0.1, ["q_proj", "v_proj"])
     assert (d.template, d.speech_tokens, d.llm_dtype, d.second_per_window) == ("auto", "all", "bfloat16", 0.333333)
