@@ -32,7 +32,6 @@ blocks with a progress bar.
 """
 import argparse
 import json
-import math
 import os
 import random
 
@@ -45,6 +44,7 @@ import data
 import model as M
 import ot
 import runtime
+from results import chance_mrr  # (mean, sd) of the MRR of random rankings: the module docstring
 
 
 # ----------------------------------------------------------------------------- retrieval metric (pure)
@@ -61,14 +61,6 @@ def ranks(D):
 def mean_reciprocal_rank(D):
     """Eq. 4: MRR = 1/Q sum_i 1 / r_i."""
     return (1.0 / ranks(D).double()).mean().item()
-
-
-def chance_mrr(n):
-    """(mean, sd) of the MRR of N independent uniformly random rankings of N candidates (module docstring)."""
-    h1 = sum(1.0 / r for r in range(1, n + 1))
-    h2 = sum(1.0 / r ** 2 for r in range(1, n + 1))
-    mean = h1 / n
-    return mean, math.sqrt(max(h2 / n - mean ** 2, 0.0) / n)
 
 
 def chance_within_reach(n, threshold, sds=3.0):
