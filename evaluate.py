@@ -580,7 +580,7 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
 
 def check_paired(records, baseline, what="hypotheses", base_what="--baseline"):
     """Paired tests compare two systems on the same segments: the same references (and ids, where both files have
-    them) in the same order. Else an UserError naming the first place where they differ."""
+    them) in the same order. Else a UserError naming the first place where they differ."""
     for k, (a, b) in enumerate(zip(records, baseline)):
         wa, wb = a.get("where", f"{what}: segment {k + 1}"), b.get("where", f"{base_what}: segment {k + 1}")
         if a.get("id") is not None and b.get("id") is not None and a["id"] != b["id"]:

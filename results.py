@@ -32,7 +32,7 @@ FIG6_INCHES = (7.5, 6.0)  # the legend sits below the axes
 
 
 def read_json_object(path, what):
-    """A JSON file holding an object -> dict, or an UserError naming the file (bare NaN / Infinity read as None)."""
+    """A JSON file holding an object -> dict, or a UserError naming the file (bare NaN / Infinity read as None)."""
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f, parse_constant=lambda name: None)
@@ -48,8 +48,9 @@ def read_json_object(path, what):
 
 
 def read_metrics(path):
-    """A metrics.json for --table / --fig6 -> dict; an UserError names the file and what is wrong with it (not
-    JSON, not an object, a score that is not a number). A bare NaN or Infinity (older files) reads as missing."""
+    """A metrics.json for --table / --fig6 -> dict; a UserError names the file and what is wrong with it (not
+    JSON, not an object, a score that is not a number). A bare NaN or Infinity (not JSON, but Python's json.dump
+    writes it unless told otherwise) reads as missing."""
     m = read_json_object(path, "a metrics file")
     def bad(where, what):
         raise UserError(f"{path}: {where} {what} (is this evaluate.py's metrics.json?)")

@@ -708,6 +708,19 @@ def test_mrr_table_is_figure_4(tmp_path, capsys):
         E.main(["--mrr", str(f)])
 
 
+def test_command_line_and_tables_need_no_model_stack(tmp_path):
+    """evaluate.py's flags (model and OT flags from config.py), --mrr and --table load neither model.py nor
+    transformers or peft: those start in seconds."""
+    f = tmp_path / "layers.json"
+    f.write_text(json.dumps(dict(mrr={"0": 0.5}, selected=[0], threshold=0.05, num_pairs=4)))
+    code = ("import sys, evaluate; evaluate.build_parser(); evaluate.main(['--mrr', sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('model', 'transformers', 'peft')))")
+    proc = subprocess.run([sys.executable, "-c", code, str(f)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_help_shows_the_defaults():
     text = E.build_parser().format_help()
     for flag, default in [("--num-beams", "4"), ("--max-new-tokens", "200"), ("--num-pairs", "1000")]:
