@@ -203,11 +203,11 @@ def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers,
 def text_batches(entries, indices, batch_size, instructions):
     """Transcript-only batches for --mode mt: the fields model.generate(mode="mt") reads, and no audio."""
     for k in range(0, len(indices), batch_size):
-        es = [(i, entries[i]) for i in indices[k:k + batch_size]]
-        yield dict(ids=[e["id"] for _, e in es], transcripts=[e["text"] for _, e in es],
-                   instructions=[instructions("st", e["tgt_lang"], key=i) for i, e in es],
-                   targets=[e["translation"] for _, e in es], tasks=["st"] * len(es),
-                   tgt_langs=[e["tgt_lang"] for _, e in es])
+        batch = [(i, entries[i]) for i in indices[k:k + batch_size]]
+        yield dict(ids=[e["id"] for _, e in batch], transcripts=[e["text"] for _, e in batch],
+                   instructions=[instructions("st", e["tgt_lang"], key=i) for i, e in batch],
+                   targets=[e["translation"] for _, e in batch], tasks=["st"] * len(batch),
+                   tgt_langs=[e["tgt_lang"] for _, e in batch])
 
 
 @torch.no_grad()
@@ -696,15 +696,15 @@ def read_hyps(path, tgt_lang=None, one_language=True):
                 continue
             where = f"{path}: line {n}"
             try:
-                rec = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
+            if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object")
             for key in ("reference", "hypothesis"):
-                if not isinstance(rec.get(key), str):
-                    raise UserError(f"{where}: {key!r} must be a string, got {rec.get(key)!r}")
-            lang = rec.get("tgt_lang") or tgt_lang
+                if not isinstance(record.get(key), str):
+                    raise UserError(f"{where}: {key!r} must be a string, got {record.get(key)!r}")
+            lang = record.get("tgt_lang") or tgt_lang
             if not lang:
                 raise UserError(f"{where}: no 'tgt_lang' in the line and no --tgt-lang given")
             if first is None:
@@ -712,7 +712,7 @@ def read_hyps(path, tgt_lang=None, one_language=True):
             elif one_language and lang_code(lang) != first[0]:
                 raise UserError(f"{where}: tgt_lang {lang!r} differs from {first[0]!r} on line {first[1]}; "
                                 f"score one target language per file")
-            records.append(dict(rec, tgt_lang=lang, where=where))
+            records.append(dict(record, tgt_lang=lang, where=where))
     if not records:
         raise UserError(f"{path}: no hypotheses")
     return records

@@ -57,12 +57,12 @@ def read_partial(out_dir, mode):
                 if not line.endswith("\n"):
                     continue
                 try:
-                    rec = json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("index"), int):
-                    if rec["index"] not in done or "skipped" in done[rec["index"]]:  # a hypothesis wins
-                        done[rec["index"]] = rec
+                if isinstance(record, dict) and isinstance(record.get("index"), int):
+                    if record["index"] not in done or "skipped" in done[record["index"]]:  # a hypothesis wins
+                        done[record["index"]] = record
     return done
 
 
