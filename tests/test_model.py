@@ -443,7 +443,8 @@ def test_trainable_state_is_copied_whole_or_not_at_all():
     net[1].requires_grad_(False)  # frozen: neither saved nor expected
     good = {"0.weight": torch.ones(3, 2), "0.bias": torch.full((3,), 2.0)}
     before = net[0].weight.detach().clone()
-    for state, message in ((dict(good, extra=torch.ones(1)), r"ck\.pt: .*missing \[\], unexpected \['extra'\] \(hint\)"),
+    for state, message in ((dict(good, extra=torch.ones(1)), r"ck\.pt: .*missing \[\], unexpected \['extra'\] "
+                                                             r"\(hint\)"),
                            ({"0.weight": good["0.weight"]}, r"missing \['0.bias'\]"),
                            (dict(good, **{"0.bias": torch.ones(4)}), r"0.bias has shape \(4,\), model has \(3,\)")):
         with pytest.raises(data.UserError, match=message):
