@@ -485,6 +485,7 @@ def score_mode(metrics, mode, records, baseline, args, out_dir):
 
 
 def add_alignment(metrics, reps, layers):
+    """metrics["alignment"]: the alignment degree per layer and its mean (summarize_alignment), printed."""
     a = metrics["alignment"] = summarize_alignment(reps, layers)
     print(f"alignment degree (mean log Wasserstein, {a['num_pairs']} pairs): "
           + ", ".join(f"layer {l} {results.fmt(v, 4)}" for l, v in a["log_w"].items())

@@ -209,15 +209,6 @@ class LSM(nn.Module):
             self.beats.eval()
         return self
 
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     # ------------------------------------------------------------------ speech side
 
     def encode_speech(self, batch):
@@ -351,7 +342,7 @@ class LSM(nn.Module):
         self._check_layers(layers)
         if not layers:
             raise ValueError("text_forward: give at least one layer")
-        with self._eval_mode():
+        with eval_mode(self):
             inp = self.splice(self._embed_texts(transcripts), instructions)
             states = {0: inp["embeds"]}
             if max(layers) > 0:
@@ -392,7 +383,7 @@ class LSM(nn.Module):
         """Decode from speech (mode "st") or from the transcript in place of the speech (mode "mt", the paper's
         zero-shot MT). Left-padded prompts, greedy if num_beams == 1 else beam search, stop at the template's EOS.
         Returns the new token ids (B, n <= max_new_tokens), padded with the pad id after EOS."""
-        with self._eval_mode():
+        with eval_mode(self):
             if mode == "st":
                 middles = self._speech_middles(*self.encode_speech(batch))
             elif mode == "mt":
@@ -477,6 +468,17 @@ def at_positions(h, pos, pos_mask):
     """h (B, S, d), pos (B, M) -> (B, M, d) states at those positions, zero where pos_mask is False."""
     out = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
     return out * pos_mask[..., None].to(out.dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Inside, `module` is in eval mode (no dropout); then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @contextlib.contextmanager

@@ -245,7 +245,7 @@ def test_text_forward_stops_early_and_equals_full_forward(tiny_ckpts, batch5, fa
             hidden, mask = lsm.text_forward(texts, instr, layers)
             assert calls == list(range(1, max(layers) + 1)) + (["norm"] if max(layers) == L else [])
             for l in layers:
-                torch.testing.assert_close(hidden[l], M.LSM._gather(full[l], inp["pos"], inp["pos_mask"]),
+                torch.testing.assert_close(hidden[l], M.at_positions(full[l], inp["pos"], inp["pos_mask"]),
                                            rtol=0, atol=0)
     finally:
         for h in hooks:
@@ -290,7 +290,7 @@ def test_text_forward_first_does_not_cut_later_hidden_states(tiny_ckpts, batch5)
         inp = b.splice(b._embed_texts(batch5["transcripts"]), batch5["instructions"])
         full = b._run_decoder(inp, hidden_states=True).hidden_states
     assert len(full) == L + 1
-    torch.testing.assert_close(text[1], M.LSM._gather(full[1], inp["pos"], inp["pos_mask"]), rtol=0, atol=0)
+    torch.testing.assert_close(text[1], M.at_positions(full[1], inp["pos"], inp["pos_mask"]), rtol=0, atol=0)
 
 
 def test_batch_invariance_of_speech_side(tiny_ckpts):
