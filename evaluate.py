@@ -1,6 +1,8 @@
-"""Evaluate a trained AI-STA model: SacreBLEU (BLEU and chrF) on speech translation (ST) and on zero-shot text
-translation (MT), paired bootstrap against a baseline, the alignment degree of speech and text states, the t-SNE
-picture of the embedding layer, and the paper's tables and figures over runs and seeds.
+"""Evaluate a trained AI-STA model as the paper does: SacreBLEU (BLEU and chrF) on speech translation (ST) and on
+zero-shot text translation (MT), and the alignment degree of speech and text states. Read top to bottom: the scores,
+the decoding, the alignment degree, then `run`, which does them in order. After it, beyond the paper: the paired
+bootstrap against a baseline and the scoring of a hypotheses file. Tables over runs and seeds and the figures are
+results.py; the per-rank files of a sharded, resumable evaluation are shards.py.
 
 The paper's measurements (CoVoST 2 test manifests from prepare_data.py, checkpoints from the stage scripts):
 
@@ -20,13 +22,6 @@ BLEU: SacreBLEU corpus BLEU (one reference, case-sensitive) with the tokenizer o
 zh -> "zh" (characters for CJK; 13a on Chinese gives near-zero BLEU), ja -> "ja-mecab" (needs
 `pip install "sacrebleu[ja]"`: mecab-python3 + ipadic), any other -> "13a"; printed with its signature.
 chrF: SacreBLEU's CHRF with its defaults (chrF2: character 6-grams, beta 2, no tokenizer), next to every BLEU.
-Paired bootstrap (--baseline with --hyps, --baseline-hyps with --manifest): SacreBLEU's own test
-(sacrebleu.significance.PairedTest, 1000 resamples, seed 12345), the numbers of
-`sacrebleu REF -i BASE SYS --paired-bs -m bleu chrf -tok TOK`: per metric the bootstrap mean and 95% half-width
-of the system and the p-value of its difference to the baseline; both files must hold the same segments.
---table: runs with the same --name are seeds of one system (mean ± sample sd, the number of seeds); the first
-system is the baseline: a p-value is shown for each seed whose paired bootstrap was computed against the first
-system's run of the same training seed (recognised by the SHA-256 of its hypotheses, recorded in metrics.json).
 MT mode (the paper's Table 5) puts the transcript's token embeddings where the speech tokens go, with the same
 template and instruction as ST (the paper: "the inference prompt is identical to the training prompt"); no audio
 is read.
@@ -41,25 +36,17 @@ instruction, model.text_forward). At layer l, with h^s the states at the speech 
 and the reported degree is the mean of A_l over the given layers (the paper uses its selected layers, 0 and 1).
 Lower = better aligned. For scale, the same mean over mismatched pairs (speech_i with the transcript of
 another utterance of its batch) is reported too: the level of "no alignment" for this model and layer.
+Figure 5 (--tsne) draws the length-averaged layer-0 states of the same pairs (results.tsne_panels).
 
-Figure 5: speech (layer 0 = projector output, at the --align-positions windows) and text (layer 0 = token
-embeddings) states, each averaged over its length, for the same N pairs; t-SNE to 2-D (scikit-learn) and a
-kernel-density contour per modality (scipy), saved as PNG (matplotlib). With --tsne-base, two panels (the base
-model, then --ckpt) on the same pairs, with the same t-SNE settings and the same axes. These three libraries are
-optional: only --tsne and --fig6 need them. Figure 6 (--fig6, from metrics.json files): ST BLEU against the
-alignment degree, one labelled point per system (mean ± sd over its seeds).
+Paired bootstrap (--baseline with --hyps, --baseline-hyps with --manifest): SacreBLEU's own test
+(sacrebleu.significance.PairedTest, 1000 resamples, seed 12345), the numbers of
+`sacrebleu REF -i BASE SYS --paired-bs -m bleu chrf -tok TOK`: per metric the bootstrap mean and 95% half-width
+of the system and the p-value of its difference to the baseline; both files must hold the same segments.
 
-Sharding: the manifest is cut into batches of --batch-size consecutive entries, the same for any number of
-processes, and under torchrun every rank decodes a contiguous run of those batches (so hypotheses do not depend on
-the number of processes). Each rank appends its hypotheses, batch by batch as they are decoded, to its own file
-<output-dir>/partial/hyps.<mode>.rank<r>.jsonl (flushed; a line cut by a kill is ignored), and rank 0 merges
-the files in manifest order once every entry is there. No collective waits for the slowest rank's decoding
-(ranks are compared through the files, which must be on a filesystem all ranks see), so ranks that differ by
-more than --dist-timeout still finish; every rank waits for the files, then all leave the process group together
-(runtime.close_distributed). A killed or failed evaluation run again with the same settings decodes
-only the batches that are missing (with other settings the partial files are discarded, as it says); the
-partial folder is removed when metrics.json is written. --skip-bad leaves out entries whose audio cannot be
-read (listed under "skipped" in metrics.json, BLEU over the rest, said on stderr). CPU: gloo; GPU: nccl.
+Processes: under torchrun every rank decodes its share of the manifest's batches and appends the hypotheses to its
+own file as they are decoded; rank 0 merges them, and a killed evaluation run again with the same settings decodes
+only what is missing (shards.py). --skip-bad leaves out entries whose audio cannot be read (listed under "skipped"
+in metrics.json, BLEU over the rest, said on stderr). CPU: gloo; GPU: nccl.
 
 Outputs of rank 0 in --output-dir: hyps.st.jsonl / hyps.mt.jsonl (manifest order; id, src, reference,
 hypothesis, tgt_lang), metrics.json (BLEU and chrF with signatures per mode and language, the paired bootstrap,
@@ -75,34 +62,31 @@ import math
 import os
 import random
 import sys
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+import config
 import data
 import ot
+import results
 import runtime
+import shards
+from data import UserError
 
 TOKENIZE_BY_LANG = {"zh": "zh", "ja": "ja-mecab"}  # every other target language: "13a"
 DEFAULT_TOKENIZE = "13a"
 OWN_FILES = ("hyps.st.jsonl", "hyps.mt.jsonl", "metrics.json")  # written atomically into --output-dir
 JA_INSTALL = 'pip install "sacrebleu[ja]"'
-FIG_INCHES, FIG_DPI = (6.0, 5.0), 100  # --tsne: a 600 x 500 pixel PNG per panel
-FIG6_INCHES = (7.5, 6.0)  # the legend sits below the axes
-
-
-class EvalError(Exception):
-    """Bad input or a missing optional dependency; the command line prints the message without a traceback."""
+BACKBONE_FLAGS = ("whisper", "beats", "llm", "llm_dtype")  # override what CKPT.json says
 
 
 def log(*args):
     """Progress and notes go to stderr: stdout carries results only (scores, table, --audio translations)."""
     print(*args, file=sys.stderr, flush=True)
 
-# ----------------------------------------------------------------------------- BLEU
+# ----------------------------------------------------------------------------- BLEU and chrF
 
 
 def lang_code(code):
@@ -123,12 +107,12 @@ def check_tokenizer(tokenize):
             import ipadic  # noqa: F401
             import MeCab  # noqa: F401
         except ImportError as e:
-            raise EvalError(f"Japanese BLEU uses SacreBLEU's ja-mecab tokenizer, which needs MeCab and the IPA "
+            raise UserError(f"Japanese BLEU uses SacreBLEU's ja-mecab tokenizer, which needs MeCab and the IPA "
                             f"dictionary ({e}): {JA_INSTALL}") from None
     try:
         BLEU(tokenize=tokenize)
     except Exception as e:  # unknown name, or MeCab with the wrong dictionary (an installed unidic-lite can win)
-        raise EvalError(f"SacreBLEU tokenizer {tokenize!r} does not work here: {str(e).strip()}"
+        raise UserError(f"SacreBLEU tokenizer {tokenize!r} does not work here: {str(e).strip()}"
                         + (f" (Japanese: {JA_INSTALL}, and no other MeCab dictionary)" if "ja" in tokenize else ""))
 
 
@@ -145,12 +129,6 @@ def corpus_chrf(hyps, refs):
     from sacrebleu.metrics import CHRF
     chrf = CHRF()
     return chrf.corpus_score(list(hyps), [list(refs)]), str(chrf.get_signature())
-
-
-def hyps_digest(hyps):
-    """SHA-256 of a list of hypotheses: recorded with every score so that --table can tell which run a paired
-    bootstrap was computed against (the baseline's hypotheses), wherever the files have moved since."""
-    return hashlib.sha256("\n".join(hyps).encode("utf-8")).hexdigest()
 
 
 def score_records(records, tokenize=None):
@@ -173,6 +151,401 @@ def by_language(records):
     for r in records:
         out.setdefault(lang_code(r["tgt_lang"]), []).append(r)
     return out
+
+
+def hyps_digest(hyps):
+    """SHA-256 of a list of hypotheses: recorded with every score so that --table can tell which run a paired
+    bootstrap was computed against (the baseline's hypotheses), wherever the files have moved since."""
+    return hashlib.sha256("\n".join(hyps).encode("utf-8")).hexdigest()
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def load_model(args, device, verbose):
+    """LSM.from_trainable(--ckpt): base checkpoints from CKPT.json unless --whisper/--beats/--llm/--llm-dtype say."""
+    from model import LSM  # imported here: --hyps and --table need no torch model stack (transformers, peft)
+    check_ckpt(args)
+    overrides = {k: getattr(args, k) for k in BACKBONE_FLAGS if getattr(args, k) is not None}
+    lsm = LSM.from_trainable(args.ckpt, verbose=verbose, **overrides)
+    return lsm.to(device).eval()
+
+
+def check_ckpt(args):
+    if not os.path.isfile(args.ckpt) or not os.path.isfile(args.ckpt + ".json"):
+        raise UserError(f"--ckpt {args.ckpt}: expected the trainable weights there and their build arguments in "
+                        f"{args.ckpt}.json (both written by LSM.save_trainable)")
+
+
+def autocast(lsm, dtype=None):
+    """The precision of the forwards, as training's --dtype: autocast in `dtype` (--dtype; None: the LLM's dtype, so
+    a bf16 LLM is evaluated as the default --dtype bfloat16 trained it) on any device; float32: no autocast.
+    BEATs' fbank stays in float32 under any autocast (beats.BEATs.preprocess): float16 would overflow there."""
+    dtype = config.DTYPES[dtype] if dtype else lsm.llm.get_input_embeddings().weight.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(lsm.device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers, skip_bad=False):
+    """Collated speech batches (data.py) of entries[indices], in that order. The dataset holds all entries so the
+    instruction of item i is keyed by its manifest index, the same on every rank. Audio is cut at the Whisper
+    checkpoint's window (data.window_seconds); with skip_bad an unreadable clip is dropped from its batch and
+    listed in batch["skipped"]."""
+    from torch.utils.data import DataLoader, Subset
+    from transformers import WhisperFeatureExtractor
+    fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
+    ds = Subset(data.SpeechDataset(entries, instructions, skip_bad=skip_bad, max_seconds=data.window_seconds(fe)),
+                indices)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=data.Collator(fe))
+
+
+def text_batches(entries, indices, batch_size, instructions):
+    """Transcript-only batches for --mode mt: the fields model.generate(mode="mt") reads, and no audio."""
+    for k in range(0, len(indices), batch_size):
+        batch = [(i, entries[i]) for i in indices[k:k + batch_size]]
+        yield dict(ids=[e["id"] for _, e in batch], transcripts=[e["text"] for _, e in batch],
+                   instructions=[instructions("st", e["tgt_lang"], key=i) for i, e in batch],
+                   targets=[e["translation"] for _, e in batch], tasks=["st"] * len(batch),
+                   tgt_langs=[e["tgt_lang"] for _, e in batch])
+
+
+@torch.no_grad()
+def decode(lsm, entries, mode, args, rank, world, out_dir=None):
+    """Translate this rank's run of the manifest's batches (shards.rank_batches). With out_dir, each batch's records
+    are appended to this rank's partial file as soon as it is decoded, and batches already there (from an earlier,
+    killed run) are not decoded again; returns nothing (read the merged result with shards.wait_for_partial). Without
+    out_dir (--audio): gather -> records (manifest order) on every rank. A record is {index, id, src, reference,
+    hypothesis, tgt_lang}, or {index, id, skipped: reason} for an entry whose audio could not be read (--skip-bad)."""
+    batches, writer = shards.rank_batches(len(entries), args.batch_size, rank, world), None
+    if out_dir is not None:
+        batches = shards.undecoded(batches, out_dir, mode, args.skip_bad)
+        writer = shards.PartialWriter(shards.partial_path(out_dir, mode, rank))
+    indices = [i for b in batches for i in b]
+    instructions = data.Instructions(args.instructions)
+    if mode == "st":
+        loader = speech_batches(lsm, entries, indices, args.batch_size, instructions, args.num_workers,
+                                skip_bad=args.skip_bad)
+    else:
+        loader = text_batches(entries, indices, args.batch_size, instructions)
+    records = []
+    bar = tqdm(zip(batches, loader), total=len(batches), desc=f"decode {mode}", unit="batch", disable=rank != 0,
+               file=sys.stderr)
+    for batch_indices, batch in bar:
+        hyps = []
+        if not data.is_empty(batch):
+            with autocast(lsm, args.dtype):
+                hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        out = hypothesis_records(entries, batch_indices, batch, hyps)
+        if writer is not None:
+            writer.write(out)
+        else:
+            records += out
+    if writer is not None:
+        writer.close()
+        return None
+    return sorted(shards.gather(records, world), key=lambda r: r["index"])
+
+
+def hypothesis_records(entries, indices, batch, hyps):
+    """The records of one decoded batch of entries[indices], in that order: the hypotheses of the items the batch
+    holds (batch["ids"]), a "skipped" record for each item it dropped (unreadable audio, --skip-bad)."""
+    kept, out = iter(zip(batch["ids"], hyps)), []
+    skipped, truncated = set(batch.get("skipped", [])), set(batch.get("truncated", []))
+    pending = next(kept, None)
+    for i in indices:
+        e = entries[i]
+        if pending is not None and pending[0] == e["id"]:
+            out.append(dict(index=i, id=e["id"], src=e["text"], reference=e["translation"],
+                            hypothesis=pending[1].replace("\n", " "), tgt_lang=e["tgt_lang"],
+                            **({"truncated": True} if e["id"] in truncated else {})))
+            pending = next(kept, None)
+        else:
+            assert e["id"] in skipped, (e["id"], batch["ids"])  # no item may be dropped silently or reordered
+            out.append(dict(index=i, id=e["id"], skipped="unreadable audio (--skip-bad)"))
+    assert pending is None, pending
+    return out
+
+# ----------------------------------------------------------------------------- alignment degree
+
+
+def log_wasserstein(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
+                    cost="sqeuclidean"):
+    """log W(speech_i, text_{(i - shift) mod B}) per pair -> (B,) float32. speech (B, n, d), speech_mask (B, n),
+    text (B, m, d), text_mask (B, m), masks True = valid. shift = 0: the true pairs; shift = 1: each speech with
+    the previous utterance's text (mismatched pairs). cost: the ground cost (model.cost_points: sqeuclidean,
+    the paper's, or cosine). W is clamped at the smallest positive float: the log stays finite even for
+    identical point clouds."""
+    from model import cost_points  # here: --hyps and --table need no model stack
+    text, text_mask = text.roll(shift, 0), text_mask.roll(shift, 0)
+    x, y, scale = cost_points(speech.float(), text.float(), cost)
+    w = scale * ot.wasserstein(x, y, speech_mask, text_mask, eps=eps, n_iters=n_iters)
+    return w.clamp(min=torch.finfo(w.dtype).tiny).log()
+
+
+def alignment_degree(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
+                     cost="sqeuclidean"):
+    """The paper's alignment degree at one layer for one batch of states: mean_i log W(speech_i, text_i)
+    (with `shift`, of mismatched pairs). Arguments as log_wasserstein."""
+    return log_wasserstein(speech, speech_mask, text, text_mask, shift=shift, eps=eps, n_iters=n_iters,
+                           cost=cost).mean().item()
+
+
+@torch.no_grad()
+def representations(lsm, entries, pairs, layers, args, rank, world, pooled):
+    """For the test pairs entries[pairs]: per pair, log W at each layer for the true pair and for a mismatched one
+    (speech with the previous transcript of its batch), and (if `pooled`) the length-averaged layer-0 speech and
+    text states. Speech states: model.speech_forward at the positions of --align-positions (model.alignment_mask:
+    the real windows, or all the LLM saw); text: model.text_forward. -> records on every rank, in the order of
+    `pairs`."""
+    from model import alignment_mask, masked_mean
+    own_pairs = [pairs[k] for k in shards.shard(len(pairs), rank, world)]
+    instructions = data.Instructions(args.instructions)
+    loader = speech_batches(lsm, entries, own_pairs, args.batch_size, instructions, args.num_workers)
+    records, k = [], 0
+    for batch in tqdm(loader, desc="speech/text states", unit="batch", disable=rank != 0, file=sys.stderr):
+        with autocast(lsm, args.dtype):
+            out = lsm.speech_forward(batch, layers)
+            text, text_mask = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
+        hs, sm = out["hidden"], alignment_mask(out, args.align_positions).to(lsm.device)
+        kw = dict(eps=args.ot_eps, n_iters=args.ot_iters, cost=args.ot_cost)
+        matched = {l: log_wasserstein(hs[l], sm, text[l], text_mask, **kw).tolist() for l in layers}
+        B = len(batch["ids"])  # mismatched needs a second utterance in the batch
+        shifted = {l: log_wasserstein(hs[l], sm, text[l], text_mask, shift=1, **kw).tolist() if B > 1 else [None]
+                   for l in layers}
+        if pooled:
+            s0 = masked_mean(hs[0].float(), sm).cpu().numpy()
+            t0 = masked_mean(text[0].float(), text_mask).cpu().numpy()
+        for b in range(B):
+            record = dict(index=own_pairs[k], log_w={l: matched[l][b] for l in layers},
+                          log_w_mismatched={l: shifted[l][b] for l in layers})
+            if pooled:
+                record.update(speech0=s0[b], text0=t0[b])
+            records.append(record)
+            k += 1
+    return shards.gather(records, world)
+
+
+def summarize_alignment(records, layers):
+    """Per-pair records -> {"layers", "num_pairs", "log_w": {l: A_l}, "mean", "mismatched": {l: ...},
+    "mismatched_mean"} (layer keys are strings, as in JSON)."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return float(np.mean(xs)) if xs else None
+    a = {str(l): mean([r["log_w"][l] for r in records]) for l in layers}
+    b = {str(l): mean([r["log_w_mismatched"][l] for r in records]) for l in layers}
+    return dict(layers=list(layers), num_pairs=len(records), log_w=a, mean=mean(a.values()), mismatched=b,
+                mismatched_mean=mean(b.values()))
+
+# ----------------------------------------------------------------------------- the evaluation, step by step
+
+
+def read_entries(args):
+    """--manifest (ST entries; errors name the file and line) or --audio files -> entries as data.read_manifest."""
+    if args.audio:
+        lang = data.normalize_lang(args.tgt_lang or "zh")
+        return [dict(id=p, audio=p, task="st", text=None, translation=None, tgt_lang=lang, where=f"--audio {p}")
+                for p in args.audio]
+    try:
+        entries = data.read_manifest(args.manifest)
+    except ValueError as e:  # names the file and line
+        raise UserError(str(e)) from None
+    for e in entries:
+        if e["task"] != "st":
+            raise UserError(f"{e['where']}: task {e['task']!r}; evaluate.py scores speech translation (task 'st')")
+        if e["text"] is None and ("mt" in args.mode or args.alignment or args.tsne):
+            raise UserError(f"{e['where']}: no source transcript, which --mode mt, --alignment and --tsne need")
+    if args.limit:
+        entries = entries[:args.limit]
+    if not entries:
+        raise UserError(f"{args.manifest}: no entries")
+    return entries
+
+
+def run(args):
+    """The model path: decode (--manifest or --audio), score, alignment degree, Figure 5; rank 0 writes and prints."""
+    entries = read_entries(args)
+    baselines = check_before_loading(args, entries)
+    out_dir = None if args.audio else args.output_dir or os.path.join(
+        os.path.dirname(os.path.abspath(args.ckpt)), "eval", os.path.splitext(os.path.basename(args.manifest))[0])
+    modes = [m for m in args.mode if m != "none"]
+    with runtime.process_group(args.dist_timeout) as (rank, world, device):  # nccl on GPUs, gloo on CPUs
+        if out_dir is not None:
+            start_output_dir(args, entries, out_dir, modes, rank, world)
+        lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
+        layers = alignment_layers(args, lsm)
+        decoded = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
+        if out_dir is not None and modes:  # every rank: the closing barrier must not wait on any decoding
+            decoded = shards.wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
+        reps = base_reps = None
+        if layers:
+            pairs = sample_pairs(entries, decoded, args)
+            reps = representations(lsm, entries, pairs, layers, args, rank, world, pooled=bool(args.tsne))
+        if args.tsne_base:  # Figure 5's first panel: the base model on the same pairs (one model in memory at once)
+            del lsm
+            base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
+            base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
+    if rank != 0:
+        return None
+    if args.audio:
+        for r in decoded["st"]:
+            print(r["hypothesis"] if "hypothesis" in r else "")
+        return decoded
+    metrics = dict(name=args.name or os.path.relpath(args.ckpt), ckpt=args.ckpt, manifest=args.manifest,
+                   n=len(entries), world_size=world, train=training_run(args.ckpt), bleu={}, skipped={}, truncated={})
+    for mode, records in decoded.items():
+        decoded[mode] = score_mode(metrics, mode, records, baselines.get(mode), args, out_dir)
+    if args.alignment:
+        add_alignment(metrics, reps, args.alignment)
+    if args.tsne:
+        add_figure5(metrics, reps, base_reps, args)
+    return write_metrics(metrics, args, out_dir, decoded)
+
+
+def check_before_loading(args, entries):
+    """What can fail before any model loads: the checkpoint files, the BLEU tokenizers, the baseline's hypotheses
+    (-> read_baselines' result), the plotting libraries of --tsne."""
+    check_ckpt(args)
+    if args.manifest and "none" not in args.mode:
+        for lang in sorted({e["tgt_lang"] for e in entries}):
+            check_tokenizer(bleu_tokenizer(lang, args.tokenize))
+    baselines = read_baselines(args, entries)
+    if args.tsne:
+        results.plot_libs()
+    return baselines
+
+
+def start_output_dir(args, entries, out_dir, modes, rank, world):
+    """--output-dir exists, without the temporary files a kill during write_atomic left, and with the partial
+    hypotheses of an earlier run of the same settings (others are discarded: shards.prepare_partial)."""
+    os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:
+        runtime.clean_temporaries(out_dir, OWN_FILES)
+    if modes:
+        shards.prepare_partial(out_dir, decoding_config(args, entries), rank, world)
+
+
+def decoding_config(args, entries):
+    """What the hypotheses depend on: partial results are reused only if it is unchanged (--skip-bad is not part
+    of it: a hypothesis does not depend on it; without it, entries an earlier run skipped are decoded again)."""
+    def stamp(path):
+        info = os.stat(path)
+        return [os.path.abspath(path), info.st_size, int(info.st_mtime)]
+    return dict(ckpt=stamp(args.ckpt), manifest=stamp(args.manifest), n=len(entries), num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, instructions=args.instructions,
+                limit=args.limit, dtype=args.dtype,
+                backbones={k: getattr(args, k) for k in BACKBONE_FLAGS})
+
+
+def alignment_layers(args, lsm):
+    """The LLM layers whose states --alignment and --tsne need, checked against the model now, not after hours of
+    decoding."""
+    layers = sorted(set(args.alignment or []) | ({0} if args.tsne else set()))
+    if any(not 0 <= l <= lsm.n_layers for l in layers):
+        raise UserError(f"--alignment {' '.join(map(str, args.alignment))}: the LLM has layers 0 (embeddings) "
+                        f".. {lsm.n_layers}")
+    return layers
+
+
+def sample_pairs(entries, decoded, args):
+    """--num-pairs manifest indices, sampled with --seed among the entries whose audio could be read."""
+    skipped = {r["index"] for rs in decoded.values() for r in rs if "skipped" in r}
+    pool = [i for i in range(len(entries)) if i not in skipped]
+    return random.Random(args.seed).sample(pool, min(args.num_pairs, len(pool)))
+
+
+def score_mode(metrics, mode, records, baseline, args, out_dir):
+    """One mode's decoded records -> hyps.<mode>.jsonl, metrics["bleu"][mode] (with the paired bootstrap against
+    `baseline`, (file, its records), if given) and the lists of skipped and truncated entries; the score lines on
+    stdout. -> the records that have a hypothesis."""
+    skipped = [r for r in records if "skipped" in r]
+    truncated = [r["id"] for r in records if r.get("truncated")]
+    if truncated:
+        metrics["truncated"][mode] = truncated
+        log(f"{len(truncated)} clip(s) longer than Whisper's input window were cut to it (listed in metrics.json)")
+    records = [r for r in records if "skipped" not in r]
+    write_atomic(os.path.join(out_dir, f"hyps.{mode}.jsonl"), "".join(
+        json.dumps({k: r[k] for k in ("id", "src", "reference", "hypothesis", "tgt_lang")}, ensure_ascii=False)
+        + "\n" for r in records))
+    if skipped:
+        metrics["skipped"][mode] = [r["id"] for r in skipped]
+        log(f"--skip-bad: {len(skipped)} of {metrics['n']} entries have unreadable audio and are NOT in the {mode} "
+            f"BLEU below: {[r['id'] for r in skipped][:10]}{' ...' if len(skipped) > 10 else ''} "
+            f"(all listed in metrics.json)")
+    if not records:
+        raise UserError(f"{args.manifest}: no entry of --mode {mode} could be decoded (all skipped)")
+    metrics["bleu"][mode] = score_records(records, args.tokenize)
+    if baseline is not None:
+        path, base = baseline
+        add_paired(metrics["bleu"][mode], *common_segments(records, base, f"the {mode} hypotheses", path),
+                   args.tokenize, source=path, whole_baseline=base)
+    for lang, s in metrics["bleu"][mode].items():
+        print(score_report(f"{mode.upper()} {lang}", s, len(skipped)))
+    return records
+
+
+def add_alignment(metrics, reps, layers):
+    """metrics["alignment"]: the alignment degree per layer and its mean (summarize_alignment), printed."""
+    a = metrics["alignment"] = summarize_alignment(reps, layers)
+    print(f"alignment degree (mean log Wasserstein, {a['num_pairs']} pairs): "
+          + ", ".join(f"layer {l} {results.fmt(v, 4)}" for l, v in a["log_w"].items())
+          + f"; mean {results.fmt(a['mean'], 4)} (mismatched pairs {results.fmt(a['mismatched_mean'], 4)})")
+
+
+def add_figure5(metrics, reps, base_reps, args):
+    """Figure 5 (results.tsne_panels) of the length-averaged layer-0 states: --tsne-base's panel, then --ckpt's."""
+    runs = ([(args.tsne_base_name, base_reps)] if args.tsne_base else []) + [(metrics["name"], reps)]
+    panels = [(name, np.stack([r["speech0"] for r in rs]), np.stack([r["text0"] for r in rs])) for name, rs in runs]
+    results.tsne_panels(panels, args.tsne, seed=args.seed)
+    metrics["tsne"] = dict(path=args.tsne, num_pairs=len(reps), panels=[name for name, *_ in panels],
+                           base_ckpt=args.tsne_base)
+    print(f"Figure 5 (t-SNE of layer 0, {len(reps)} pairs; {' | '.join(n for n, *_ in panels)}): {args.tsne}")
+
+
+def write_metrics(metrics, args, out_dir, decoded):
+    """metrics.json (with the arguments; strict JSON), the partial files removed, the summary table on stdout.
+    -> metrics with the records of every mode (for callers; not written)."""
+    metrics["args"] = vars(args)
+    metrics = finite_json(metrics)
+    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1, ensure_ascii=False,
+                                                                   allow_nan=False))
+    shards.remove_partial(out_dir)
+    print(f"\nhypotheses and metrics.json in {out_dir}\n")
+    print(results.summary_table([metrics]))
+    metrics["records"] = decoded
+    return metrics
+
+
+def training_run(ckpt):
+    """What --table needs to know of the run that wrote `ckpt`: its seed and alignment, from the args.json that
+    train.py writes next to the checkpoints (None where there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            train_args = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(train_args, dict):
+        return None
+    return dict(args=path, **{k: train_args.get(k) for k in ("seed", "align", "layers", "layers_from")})
+
+
+def finite_json(x):
+    """x with every non-finite float replaced by None (NaN is not JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
+def write_atomic(path, text):
+    runtime.atomic(path, lambda tmp: runtime.write_text(tmp, text))
+
+# ----------------------------------------------------------------------------- beyond the paper: significance
+# against a baseline, scoring a hypotheses file
 
 
 def paired_bootstrap(hyps, baseline, refs, tokenize):
@@ -208,20 +581,20 @@ def paired_bootstrap(hyps, baseline, refs, tokenize):
 
 def check_paired(records, baseline, what="hypotheses", base_what="--baseline"):
     """Paired tests compare two systems on the same segments: the same references (and ids, where both files have
-    them) in the same order. Else an EvalError naming the first place where they differ."""
+    them) in the same order. Else a UserError naming the first place where they differ."""
     for k, (a, b) in enumerate(zip(records, baseline)):
         wa, wb = a.get("where", f"{what}: segment {k + 1}"), b.get("where", f"{base_what}: segment {k + 1}")
         if a.get("id") is not None and b.get("id") is not None and a["id"] != b["id"]:
-            raise EvalError(f"{wa} has id {a['id']!r} but {wb} has id {b['id']!r}: a paired test needs the same "
+            raise UserError(f"{wa} has id {a['id']!r} but {wb} has id {b['id']!r}: a paired test needs the same "
                             f"segments in the same order")
         if lang_code(a["tgt_lang"]) != lang_code(b["tgt_lang"]):
-            raise EvalError(f"{wa} has target language {a['tgt_lang']!r} but {wb} has {b['tgt_lang']!r}: a paired "
+            raise UserError(f"{wa} has target language {a['tgt_lang']!r} but {wb} has {b['tgt_lang']!r}: a paired "
                             f"test needs the same segments in the same order")
         if a["reference"] != b["reference"]:
-            raise EvalError(f"{wa} and {wb} have different references ({a['reference']!r} vs {b['reference']!r}): "
+            raise UserError(f"{wa} and {wb} have different references ({a['reference']!r} vs {b['reference']!r}): "
                             f"a paired test needs the same references in the same order")
     if len(records) != len(baseline):
-        raise EvalError(f"{what} has {len(records)} segments but {base_what} has {len(baseline)} (the first "
+        raise UserError(f"{what} has {len(records)} segments but {base_what} has {len(baseline)} (the first "
                         f"{min(len(records), len(baseline))} agree): a paired test needs the same segments")
 
 
@@ -255,13 +628,13 @@ def common_segments(records, baseline, what, base_what):
             continue
         k, b = base[r["id"]]
         if k < last:
-            raise EvalError(f"{b['where']}: id {r['id']!r} is out of the order of {what}: a paired test needs the "
+            raise UserError(f"{b['where']}: id {r['id']!r} is out of the order of {what}: a paired test needs the "
                             f"same segments in the same order")
         check_paired([r], [b], what, base_what)
         common.append((r, b))
         last = k
     if not common:
-        raise EvalError(f"{what} and {base_what} have no segment id in common: nothing to compare")
+        raise UserError(f"{what} and {base_what} have no segment id in common: nothing to compare")
     log(f"paired test on the {len(common)} segments that both {what} ({len(records)}) and {base_what} "
         f"({len(baseline)}) have")
     return [r for r, _ in common], [b for _, b in common]
@@ -279,14 +652,14 @@ def read_baselines(args, entries):
     elif len(modes) == 1:
         paths = {modes[0]: args.baseline_hyps}
     else:
-        raise EvalError(f"--baseline-hyps {args.baseline_hyps}: a file holds one mode's hypotheses; for --mode "
+        raise UserError(f"--baseline-hyps {args.baseline_hyps}: a file holds one mode's hypotheses; for --mode "
                         f"{' '.join(modes)} give the baseline's evaluation folder (hyps.st.jsonl, hyps.mt.jsonl)")
     expected = [dict(id=e["id"], reference=e["translation"], tgt_lang=e["tgt_lang"], where=e["where"])
                 for e in entries]
     out = {}
     for mode, path in paths.items():
         if not os.path.isfile(path):
-            raise EvalError(f"--baseline-hyps {args.baseline_hyps}: {path} not found (the baseline's hypotheses "
+            raise UserError(f"--baseline-hyps {args.baseline_hyps}: {path} not found (the baseline's hypotheses "
                             f"for --mode {mode}, as evaluate.py writes them)")
         out[mode] = (path, read_hyps(path, one_language=False))
         common_segments(expected, out[mode][1], args.manifest, path)
@@ -313,21 +686,6 @@ def score_report(label, s, skipped=0):
     return "\n".join(lines)
 
 
-def training_run(ckpt):
-    """What --table needs to know of the run that wrote `ckpt`: its seed and alignment, from the args.json that
-    train.py writes next to the checkpoints (None where there is none)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            a = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(a, dict):
-        return None
-    return dict(args=path, seed=a.get("seed"), align=a.get("align"), layers=a.get("layers"),
-                layers_from=a.get("layers_from"))
-
-
 def read_hyps(path, tgt_lang=None, one_language=True):
     """A hypotheses file (JSON lines with 'reference', 'hypothesis' and 'tgt_lang', or --tgt-lang for lines without
     one) -> list of records, each with 'where' (file and line). Errors name the file and line. With one_language
@@ -339,25 +697,25 @@ def read_hyps(path, tgt_lang=None, one_language=True):
                 continue
             where = f"{path}: line {n}"
             try:
-                rec = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise EvalError(f"{where}: expected a JSON object")
+                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: expected a JSON object")
             for key in ("reference", "hypothesis"):
-                if not isinstance(rec.get(key), str):
-                    raise EvalError(f"{where}: {key!r} must be a string, got {rec.get(key)!r}")
-            lang = rec.get("tgt_lang") or tgt_lang
+                if not isinstance(record.get(key), str):
+                    raise UserError(f"{where}: {key!r} must be a string, got {record.get(key)!r}")
+            lang = record.get("tgt_lang") or tgt_lang
             if not lang:
-                raise EvalError(f"{where}: no 'tgt_lang' in the line and no --tgt-lang given")
+                raise UserError(f"{where}: no 'tgt_lang' in the line and no --tgt-lang given")
             if first is None:
                 first = (lang_code(lang), n)
             elif one_language and lang_code(lang) != first[0]:
-                raise EvalError(f"{where}: tgt_lang {lang!r} differs from {first[0]!r} on line {first[1]}; "
+                raise UserError(f"{where}: tgt_lang {lang!r} differs from {first[0]!r} on line {first[1]}; "
                                 f"score one target language per file")
-            records.append(dict(rec, tgt_lang=lang, where=where))
+            records.append(dict(record, tgt_lang=lang, where=where))
     if not records:
-        raise EvalError(f"{path}: no hypotheses")
+        raise UserError(f"{path}: no hypotheses")
     return records
 
 
@@ -378,799 +736,11 @@ def score_hyps_file(args):
     print(json.dumps(result, ensure_ascii=False))
     return s
 
-# ----------------------------------------------------------------------------- ranks
-
-
-def shard(n, rank, world):
-    """Contiguous slice of range(n) for `rank`; slices differ in size by at most 1 and cover range(n) in rank order."""
-    return list(range(rank * n // world, (rank + 1) * n // world))
-
-
-def gather(local, world):
-    """Each rank's list -> the concatenation of all of them in rank order (on every rank)."""
-    return [x for part in runtime.all_gather_objects(list(local), world) for x in part]
-
-# ----------------------------------------------------------------------------- model and batches
-
-
-def load_model(args, device, verbose):
-    """LSM.from_trainable(--ckpt): base checkpoints from CKPT.json unless --whisper/--beats/--llm/--llm-dtype say."""
-    from model import LSM  # imported here: --hyps and --table need no torch model stack (transformers, peft)
-    check_ckpt(args)
-    overrides = {k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype") if getattr(args, k) is not None}
-    lsm = LSM.from_trainable(args.ckpt, verbose=verbose, **overrides)
-    return lsm.to(device).eval()
-
-
-def check_ckpt(args):
-    if not os.path.isfile(args.ckpt) or not os.path.isfile(args.ckpt + ".json"):
-        raise EvalError(f"--ckpt {args.ckpt}: expected the trainable weights there and their build arguments in "
-                        f"{args.ckpt}.json (both written by LSM.save_trainable)")
-
-
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def autocast(lsm, dtype=None):
-    """The precision of the forwards, as training's --dtype: autocast in `dtype` (--dtype; None: the LLM's dtype, so
-    a bf16 LLM is evaluated as the default --dtype bfloat16 trained it) on any device; float32: no autocast.
-    BEATs' fbank stays in float32 under any autocast (beats.BEATs.preprocess): float16 would overflow there."""
-    dtype = AUTOCAST_DTYPES[dtype] if dtype else lsm.llm.get_input_embeddings().weight.dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(lsm.device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers, skip_bad=False):
-    """Collated speech batches (data.py) of entries[indices], in that order. The dataset holds all entries so the
-    instruction of item i is keyed by its manifest index, the same on every rank. Audio is cut at the Whisper
-    checkpoint's window (data.window_seconds); with skip_bad an unreadable clip is dropped from its batch and
-    listed in batch["skipped"]."""
-    from torch.utils.data import DataLoader, Subset
-    from transformers import WhisperFeatureExtractor
-    fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
-    ds = Subset(data.SpeechDataset(entries, instructions, skip_bad=skip_bad, max_seconds=data.window_seconds(fe)),
-                indices)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=data.Collator(fe))
-
-
-def text_batches(entries, indices, batch_size, instructions):
-    """Transcript-only batches for --mode mt: the fields model.generate(mode="mt") reads, and no audio."""
-    for k in range(0, len(indices), batch_size):
-        es = [(i, entries[i]) for i in indices[k:k + batch_size]]
-        yield dict(ids=[e["id"] for _, e in es], transcripts=[e["text"] for _, e in es],
-                   instructions=[instructions("st", e["tgt_lang"], key=i) for i, e in es],
-                   targets=[e["translation"] for _, e in es], tasks=["st"] * len(es),
-                   tgt_langs=[e["tgt_lang"] for _, e in es])
-
-
-def manifest_batches(n, batch_size):
-    """The batches of a manifest of n entries: consecutive runs of batch_size indices (any number of processes)."""
-    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
-
-
-PARTIAL = "partial"
-
-
-def partial_path(out_dir, mode, rank):
-    return os.path.join(out_dir, PARTIAL, f"hyps.{mode}.rank{rank}.jsonl")
-
-
-def read_partial(out_dir, mode):
-    """{manifest index: record} from every rank's partial file of `mode` (any earlier number of processes too);
-    lines that are not whole JSON records (the last line of a killed writer) are ignored, and a hypothesis wins
-    over a "skipped" record of the same entry."""
-    folder, done = os.path.join(out_dir, PARTIAL), {}
-    prefix = f"hyps.{mode}.rank"
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if not (name.startswith(prefix) and name.endswith(".jsonl")):
-            continue
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and isinstance(rec.get("index"), int):
-                    if rec["index"] not in done or "skipped" in done[rec["index"]]:  # a hypothesis wins
-                        done[rec["index"]] = rec
-    return done
-
-
-class PartialWriter:
-    """Appends this rank's records, one batch per write, flushed and fsync'ed, to its partial file. A line cut
-    short by an earlier kill is removed first, so the next record starts on a line of its own."""
-
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                content = f.read()
-            if content and not content.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(content.rfind(b"\n") + 1)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, records):
-        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        self.f.close()
-
-
-def decoding_config(args, entries):
-    """What the hypotheses depend on: partial results are reused only if it is unchanged (--skip-bad is not part
-    of it: a hypothesis does not depend on it; without it, entries an earlier run skipped are decoded again)."""
-    def stamp(path):
-        st = os.stat(path)
-        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-    return dict(ckpt=stamp(args.ckpt), manifest=stamp(args.manifest), n=len(entries), num_beams=args.num_beams,
-                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, instructions=args.instructions,
-                limit=args.limit, dtype=args.dtype,
-                backbones={k: getattr(args, k) for k in ("whisper", "beats", "llm", "llm_dtype")})
-
-
-def prepare_partial(out_dir, config, rank, world):
-    """Rank 0 keeps the partial results of an earlier run with the same decoding config, or discards them (saying
-    so); then every rank starts (one barrier, before any model is loaded)."""
-    folder = os.path.join(out_dir, PARTIAL)
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        cfg_path = os.path.join(folder, "config.json")
-        old = None
-        if os.path.exists(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as f:
-                    old = json.load(f)
-            except json.JSONDecodeError:
-                old = None
-        if old != config:
-            stale = [n for n in os.listdir(folder) if n.endswith(".jsonl")]
-            if stale:
-                log(f"{folder}: partial hypotheses of an evaluation with other settings: discarded "
-                    f"({len(stale)} files)")
-            for n in stale:
-                os.remove(os.path.join(folder, n))
-            tmp = f"{cfg_path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(config, f)
-            os.replace(tmp, cfg_path)
-        else:
-            n_done = {m: len(read_partial(out_dir, m)) for m in ("st", "mt")}
-            if any(n_done.values()):
-                log(f"resuming the evaluation in {out_dir}: " + ", ".join(f"{m} {k} entries already decoded"
-                                                                       for m, k in n_done.items() if k))
-    if world > 1:
-        dist.barrier()
-
-
-@torch.no_grad()
-def decode(lsm, entries, mode, args, rank, world, out_dir=None):
-    """Translate this rank's run of the manifest's batches (manifest_batches). With out_dir, each batch's records
-    are appended to this rank's partial file as soon as it is decoded, and batches already there (from an earlier,
-    killed run) are not decoded again; returns nothing (read the merged result with wait_for_partial). Without
-    out_dir (--audio): gather -> records (manifest order) on every rank. A record is {index, id, src, reference,
-    hypothesis, tgt_lang}, or {index, id, skipped: reason} for an entry whose audio could not be read (--skip-bad)."""
-    batches = manifest_batches(len(entries), args.batch_size)
-    mine = [batches[j] for j in shard(len(batches), rank, world)]
-    writer = None
-    if out_dir is not None:
-        done = read_partial(out_dir, mode)
-        if not args.skip_bad:  # entries skipped by an earlier --skip-bad run are decoded (or fail) again
-            done = {i: r for i, r in done.items() if "skipped" not in r}
-        mine = [b for b in mine if not all(i in done for i in b)]
-        writer = PartialWriter(partial_path(out_dir, mode, rank))
-    indices = [i for b in mine for i in b]
-    instructions = data.Instructions(args.instructions)
-    if mode == "st":
-        loader = speech_batches(lsm, entries, indices, args.batch_size, instructions, args.num_workers,
-                                skip_bad=args.skip_bad)
-    else:
-        loader = text_batches(entries, indices, args.batch_size, instructions)
-    records = []
-    bar = tqdm(zip(mine, loader), total=len(mine), desc=f"decode {mode}", unit="batch", disable=rank != 0,
-               file=sys.stderr)
-    for batch_indices, batch in bar:
-        hyps = []
-        if not data.is_empty(batch):
-            with autocast(lsm, args.dtype):
-                hyps = lsm.generate(batch, mode=mode, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-        kept, out = iter(zip(batch["ids"], hyps)), []
-        skipped, cut = set(batch.get("skipped", [])), set(batch.get("truncated", []))
-        pending = next(kept, None)
-        for i in batch_indices:
-            e = entries[i]
-            if pending is not None and pending[0] == e["id"]:
-                out.append(dict(index=i, id=e["id"], src=e["text"], reference=e["translation"],
-                                hypothesis=pending[1].replace("\n", " "), tgt_lang=e["tgt_lang"],
-                                **({"truncated": True} if e["id"] in cut else {})))
-                pending = next(kept, None)
-            else:
-                assert e["id"] in skipped, (e["id"], batch["ids"])  # no item may be dropped silently or reordered
-                out.append(dict(index=i, id=e["id"], skipped="unreadable audio (--skip-bad)"))
-        assert pending is None, pending
-        if writer is not None:
-            writer.write(out)
-        else:
-            records += out
-    if writer is not None:
-        writer.close()
-        return None
-    return sorted(gather(records, world), key=lambda r: r["index"])
-
-
-def wait_for_partial(out_dir, modes, n, skip_bad, poll_seconds=2.0, say_every=300.0):
-    """Wait, without any collective, until the partial files hold all n entries of every mode (without skip_bad, a
-    hypothesis for each); -> {mode: records in manifest order}. Says on stderr what is still missing every
-    `say_every` seconds."""
-    t0 = last = time.time()
-    while True:
-        results = {m: {i: r for i, r in read_partial(out_dir, m).items() if skip_bad or "skipped" not in r}
-                   for m in modes}
-        missing = {m: n - len([i for i in r if 0 <= i < n]) for m, r in results.items()}
-        if not any(missing.values()):
-            return {m: [r[i] for i in range(n)] for m, r in results.items()}
-        if time.time() - last > say_every:
-            last = time.time()
-            log(f"waiting for the other ranks' hypotheses ({time.time() - t0:.0f} s): still missing "
-                + ", ".join(f"{m} {k}" for m, k in missing.items() if k))
-        time.sleep(poll_seconds)
-
-
-def finite_json(x):
-    """x with every non-finite float replaced by None (NaN is not JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite_json(v) for v in x]
-    return x
-
-
-def write_atomic(path, text):
-    runtime.atomic(path, lambda tmp: runtime.write_text(tmp, text))
-
-# ----------------------------------------------------------------------------- alignment degree and Figure 5
-
-
-def log_wasserstein(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
-                    cost="sqeuclidean"):
-    """log W(speech_i, text_{(i - shift) mod B}) per pair -> (B,) float32. speech (B, n, d), speech_mask (B, n),
-    text (B, m, d), text_mask (B, m), masks True = valid. shift = 0: the true pairs; shift = 1: each speech with
-    the previous utterance's text (mismatched pairs). cost: the ground cost (model.cost_points: sqeuclidean,
-    the paper's, or cosine). W is clamped at the smallest positive float: the log stays finite even for
-    identical point clouds."""
-    from model import cost_points  # here: --hyps and --table need no model stack
-    text, text_mask = text.roll(shift, 0), text_mask.roll(shift, 0)
-    x, y, scale = cost_points(speech.float(), text.float(), cost)
-    w = scale * ot.wasserstein(x, y, speech_mask, text_mask, eps=eps, n_iters=n_iters)
-    return w.clamp(min=torch.finfo(w.dtype).tiny).log()
-
-
-def alignment_degree(speech, speech_mask, text, text_mask, *, shift=0, eps=ot.EPS, n_iters=ot.N_ITERS,
-                     cost="sqeuclidean"):
-    """The paper's alignment degree at one layer for one batch of states: mean_i log W(speech_i, text_i)
-    (with `shift`, of mismatched pairs). Arguments as log_wasserstein."""
-    return log_wasserstein(speech, speech_mask, text, text_mask, shift=shift, eps=eps, n_iters=n_iters,
-                           cost=cost).mean().item()
-
-
-def length_mean(h, mask):
-    """(B, n, d), (B, n) -> (B, d): the mean over the valid positions (Figure 5's length-averaged states)."""
-    m = mask[..., None].to(h.dtype)
-    return (h * m).sum(1) / m.sum(1)
-
-
-@torch.no_grad()
-def representations(lsm, entries, pairs, layers, args, rank, world, pooled):
-    """For the test pairs entries[pairs]: per pair, log W at each layer for the true pair and for a mismatched one
-    (speech with the previous transcript of its batch), and (if `pooled`) the length-averaged layer-0 speech and
-    text states. Speech states: model.speech_forward at the positions of --align-positions (model.alignment_mask:
-    the real windows, or all the LLM saw); text: model.text_forward. -> records on every rank, in the order of
-    `pairs`."""
-    from model import alignment_mask
-    mine = [pairs[k] for k in shard(len(pairs), rank, world)]
-    instructions = data.Instructions(args.instructions)
-    loader = speech_batches(lsm, entries, mine, args.batch_size, instructions, args.num_workers)
-    records, k = [], 0
-    for batch in tqdm(loader, desc="speech/text states", unit="batch", disable=rank != 0, file=sys.stderr):
-        with autocast(lsm, args.dtype):
-            out = lsm.speech_forward(batch, layers)
-            text, text_mask = lsm.text_forward(batch["transcripts"], batch["instructions"], layers)
-        hs, sm = out["hidden"], alignment_mask(out, args.align_positions).to(lsm.device)
-        kw = dict(eps=args.ot_eps, n_iters=args.ot_iters, cost=args.ot_cost)
-        matched = {l: log_wasserstein(hs[l], sm, text[l], text_mask, **kw).tolist() for l in layers}
-        B = len(batch["ids"])  # mismatched needs a second utterance in the batch
-        shifted = {l: log_wasserstein(hs[l], sm, text[l], text_mask, shift=1, **kw).tolist() if B > 1 else [None]
-                   for l in layers}
-        if pooled:
-            s0 = length_mean(hs[0].float(), sm).cpu().numpy()
-            t0 = length_mean(text[0].float(), text_mask).cpu().numpy()
-        for b in range(B):
-            rec = dict(index=mine[k], log_w={l: matched[l][b] for l in layers},
-                       log_w_mismatched={l: shifted[l][b] for l in layers})
-            if pooled:
-                rec.update(speech0=s0[b], text0=t0[b])
-            records.append(rec)
-            k += 1
-    return gather(records, world)
-
-
-def summarize_alignment(records, layers):
-    """Per-pair records -> {"layers", "num_pairs", "log_w": {l: A_l}, "mean", "mismatched": {l: ...},
-    "mismatched_mean"} (layer keys are strings, as in JSON)."""
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return float(np.mean(xs)) if xs else None
-    a = {str(l): mean([r["log_w"][l] for r in records]) for l in layers}
-    b = {str(l): mean([r["log_w_mismatched"][l] for r in records]) for l in layers}
-    return dict(layers=list(layers), num_pairs=len(records), log_w=a, mean=mean(a.values()), mismatched=b,
-                mismatched_mean=mean(b.values()))
-
-
-def _plot_libs():
-    """The optional libraries of --tsne and --fig6, or an error saying what to install."""
-    try:
-        from matplotlib.figure import Figure
-        from scipy.stats import gaussian_kde
-        from sklearn.manifold import TSNE
-    except ImportError as e:
-        raise EvalError(f"--tsne and --fig6 need scikit-learn, scipy and matplotlib ({e}): "
-                        f"pip install scikit-learn matplotlib") from None
-    return Figure, gaussian_kde, TSNE
-
-
-def tsne_figure(speech, text, path, seed=0, title=""):
-    """The paper's Figure 5 for one model: speech (N, d) and text (N, d) vectors -> PNG (see tsne_panels).
-    Returns the (2N, 2) embedding (speech rows first)."""
-    return tsne_panels([(title, speech, text)], path, seed=seed)[0]
-
-
-def tsne_panels(panels, path, seed=0):
-    """The paper's Figure 5: one panel per model, [(title, speech (N, d), text (N, d))] -> one PNG, panels side by
-    side. Per panel: t-SNE of its 2N points to 2-D (scikit-learn; the same settings for every panel: perplexity
-    min(30, (2N - 1) / 3), PCA initialisation, random_state `seed`), a scatter and a Gaussian kernel-density contour
-    (scipy) per modality, on the same axes scale in every panel (shared limits, the densities on one grid) so that
-    distances compare across panels. FIG_INCHES per panel at FIG_DPI. Returns each panel's (2N, 2) embedding
-    (speech rows first)."""
-    Figure, gaussian_kde, TSNE = _plot_libs()
-    embedded = []
-    for title, speech, text in panels:
-        speech, text = np.asarray(speech, np.float64), np.asarray(text, np.float64)
-        if len(speech) < 3:
-            raise EvalError(f"--tsne needs at least 3 pairs, got {len(speech)}")
-        x = np.concatenate([speech, text])
-        perplexity = min(30.0, (len(x) - 1) / 3)  # sklearn's default 30 must stay below the number of points
-        embedded.append(TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x))
-    every = np.concatenate(embedded)
-    lo, hi = every.min(0), every.max(0)
-    pad = 0.15 * (hi - lo + 1e-9)
-    lo, hi = lo - pad, hi + pad
-    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
-    fig = Figure(figsize=(FIG_INCHES[0] * len(panels), FIG_INCHES[1]), dpi=FIG_DPI)
-    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
-    for ax, (title, speech, _), xy in zip(axes, panels, embedded):
-        n = len(speech)
-        for pts, name, color, cmap in ((xy[:n], "speech", "tab:blue", "Blues"), (xy[n:], "text", "tab:red", "Reds")):
-            try:
-                density = gaussian_kde(pts.T)(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
-                # levels at fixed fractions of the peak: none near 0, where a contour would wander over the panel
-                ax.contour(gx, gy, density, levels=density.max() * np.array([0.1, 0.25, 0.45, 0.65, 0.85]),
-                           cmap=cmap, linewidths=1.0)
-            except (np.linalg.LinAlgError, ValueError) as e:  # e.g. points on a line: no 2-D density
-                log(f"--tsne: no density contour for {name} ({e})")
-            ax.scatter(pts[:, 0], pts[:, 1], s=8, color=color, alpha=0.6, label=f"{name} ({n} utterances)")
-        ax.set_title(title or "t-SNE", fontsize=10)
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(loc="best", fontsize=8)
-    fig.suptitle("t-SNE of length-averaged layer-0 states (speech: projector output; text: token embeddings)",
-                 fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", dpi=FIG_DPI)
-    return embedded
-
-# ----------------------------------------------------------------------------- summary table
-
-
-def read_metrics(path):
-    """A metrics.json for --table / --fig6 -> dict; an EvalError names the file and what is wrong with it (not
-    JSON, not an object, a score that is not a number). A bare NaN or Infinity (older files) reads as missing."""
-    m = read_json_object(path, "a metrics file")
-    def bad(where, what):
-        raise EvalError(f"{path}: {where} {what} (is this evaluate.py's metrics.json?)")
-    def number(where, x):
-        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
-            bad(where, f"must be a number, got {x!r}")
-    if not isinstance(m.get("name", ""), str):
-        bad('"name"', f"must be a string, got {m['name']!r}")
-    if not isinstance(m.get("bleu", {}), dict):
-        bad('"bleu"', "must be an object {mode: {language: scores}}")
-    for mode, langs in m.get("bleu", {}).items():
-        if not isinstance(langs, dict):
-            bad(f'"bleu" -> {mode!r}', "must be an object {language: scores}")
-        for lang, sc in langs.items():
-            where = f'"bleu" -> {mode!r} -> {lang!r}'
-            if not isinstance(sc, dict):
-                bad(where, "must be an object with \"score\"")
-            for key in ("score", "chrf"):
-                number(f"{where} -> {key!r}", sc.get(key))
-            bs = sc.get("paired_bs")
-            if bs is not None:
-                if not isinstance(bs, dict) or not isinstance(bs.get("bleu"), dict):
-                    bad(f"{where} -> 'paired_bs'", "must be an object with \"bleu\": {\"p\": ...}")
-                number(f"{where} -> 'paired_bs' -> 'bleu' -> 'p'", bs["bleu"].get("p"))
-    a = m.get("alignment")
-    if a is not None:
-        if not isinstance(a, dict) or not isinstance(a.get("log_w", {}), dict) or \
-                not isinstance(a.get("layers", []), list):
-            bad('"alignment"', "must be an object with \"layers\", \"log_w\" and \"mean\"")
-        for key in ("mean", "mismatched_mean"):
-            number(f'"alignment" -> {key!r}', a.get(key))
-        for l, v in a.get("log_w", {}).items():
-            number(f'"alignment" -> "log_w" -> {l!r}', v)
-    if not isinstance(m.get("train") or {}, dict):
-        bad('"train"', "must be an object")
-    return m
-
-
-def group_runs(runs):
-    """Runs that share a name are seeds of one system -> [(name, [runs])], systems in order of first appearance."""
-    groups = {}
-    for m in runs:
-        groups.setdefault(m.get("name") or "?", []).append(m)
-    return list(groups.items())
-
-
-def seed_of(m):
-    return (m.get("train") or {}).get("seed")
-
-
-def mean_sd(xs, digits):
-    """'mean' of one value, 'mean ± sd' of several (sd: sample standard deviation, n - 1), '-' of none; a value
-    missing from some seeds is said: '(k of n)'."""
-    vals = [x for x in xs if x is not None]
-    if not vals:
-        return "-"
-    cell = f"{np.mean(vals):.{digits}f}" + (f" ± {np.std(vals, ddof=1):.{digits}f}" if len(vals) > 1 else "")
-    return cell + (f" ({len(vals)} of {len(xs)})" if len(vals) < len(xs) else "")
-
-
-def same_seed_pvalues(group, baseline_group, mode, lang, metric="bleu"):
-    """The paired-bootstrap p-values of a system's seeds against the first system (the baseline): for each seed,
-    the p of its metrics.json whose baseline hypotheses (sha256) are those of a baseline run with the same
-    training seed (where the seeds are known). -> list of p, one per seed that has one; None for a seed whose
-    hypotheses are the baseline's (no difference: SacreBLEU's p would be its floor)."""
-    def scores(m):
-        return m.get("bleu", {}).get(mode, {}).get(lang) or {}
-    base = {scores(b).get("sha256"): seed_of(b) for b in baseline_group if scores(b).get("sha256")}
-    ps = []
-    for m in group:
-        bs = scores(m).get("paired_bs") or {}
-        if bs.get("baseline_sha256") not in base:
-            continue
-        seed, base_seed = seed_of(m), base[bs["baseline_sha256"]]
-        if seed is not None and base_seed is not None and seed != base_seed:
-            continue
-        p = (bs.get(metric) or {}).get("p")
-        if bs.get("identical") or scores(m).get("sha256") == bs["baseline_sha256"]:
-            ps.append(None)
-        elif p is not None:
-            ps.append(p)
-    return ps
-
-
-def p_cell(ps, n):
-    """p-values of the seeds of a system: each (up to 3 seeds) or their median with the count below 0.05;
-    "same" (counted as p = 1) for a seed whose hypotheses are the baseline's."""
-    if not ps:
-        return "-"
-    if len(ps) <= 3:
-        cell = ", ".join("same" if p is None else f"{p:.3f}" for p in ps)
-    else:
-        ps1 = [1.0 if p is None else p for p in ps]
-        cell = f"median {np.median(ps1):.3f}, {sum(p < 0.05 for p in ps1)}/{len(ps)} < 0.05"
-    return cell + (f" ({len(ps)} of {n} seeds)" if len(ps) < n else "")
-
-
-def summary_table(runs):
-    """Metrics dicts (one per run) -> a Markdown table in the form of the paper's tables: one row per system (runs
-    that share a name are its seeds: mean ± sd, and a "seeds" column when a system has several), BLEU and chrF
-    per mode and target language (Tables 2-5), the paired-bootstrap p-value of BLEU against the first system's
-    same-seed run where the runs have one ("p"), and the alignment degree (log W per layer, mean, and the
-    mismatched-pair level; Figure 6)."""
-    groups = group_runs(runs)
-    cols = []  # (header, cell(group index, runs)), in order of first appearance
-    def add(header, cell):
-        if header not in [h for h, _ in cols]:
-            cols.append((header, cell))
-    def score(mode, lang, key):
-        return lambda k, g: mean_sd([m.get("bleu", {}).get(mode, {}).get(lang, {}).get(key) for m in g], 1)
-    def pvals(mode, lang):
-        return lambda k, g: "" if k == 0 else p_cell(same_seed_pvalues(g, groups[0][1], mode, lang), len(g))
-    for m in runs:
-        for mode in ("st", "mt"):
-            for lang, sc in m.get("bleu", {}).get(mode, {}).items():
-                add(f"{mode.upper()} {lang}", score(mode, lang, "score"))
-                if sc.get("chrf") is not None:
-                    add(f"{mode.upper()} {lang} chrF", score(mode, lang, "chrf"))
-                if any(same_seed_pvalues(g, groups[0][1], mode, lang) for _, g in groups[1:]):
-                    add(f"{mode.upper()} {lang} p", pvals(mode, lang))
-        if m.get("alignment"):
-            for l in m["alignment"].get("layers", []):
-                add(f"log W L{l}", lambda k, g, l=str(l):
-                    mean_sd([(m.get("alignment") or {}).get("log_w", {}).get(l) for m in g], 3))
-    if any(m.get("alignment") for m in runs):
-        add("log W mean", lambda k, g: mean_sd([(m.get("alignment") or {}).get("mean") for m in g], 3))
-        add("mismatched", lambda k, g: mean_sd([(m.get("alignment") or {}).get("mismatched_mean") for m in g], 3))
-    seeds = any(len(g) > 1 for _, g in groups)
-    header = ["Model"] + (["seeds"] if seeds else []) + [h for h, _ in cols]
-    rows = [[name] + ([str(len(g))] if seeds else []) + [cell(k, g) for _, cell in cols]
-            for k, (name, g) in enumerate(groups)]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
-def _fmt(x, digits):
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def mrr_table(path):
-    """--mrr: select_layers.py's layers.json -> the paper's Figure 4 as a table (MRR per layer, the selected
-    layers, and the chance level of the retrieval: a random ranking of n candidates has MRR H_n / n)."""
-    m = read_json_object(path, "select_layers.py's layers.json")
-    try:
-        mrr = {int(l): float(v) for l, v in m["mrr"].items()}
-        selected, n = [int(l) for l in m["selected"]], int(m["num_pairs"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise EvalError(f"{path}: not select_layers.py's layers.json (needs \"mrr\", \"selected\", "
-                        f"\"num_pairs\"; {type(e).__name__}: {e})") from None
-    chance = sum(1 / k for k in range(1, n + 1)) / n
-    lines = ["| Layer | MRR | selected |", "|---|---|---|"]
-    lines += [f"| {l} | {v:.4f} | {'yes' if l in selected else ''} |" for l, v in sorted(mrr.items())]
-    lines.append(f"\n{n} candidates: chance level MRR = H_n / n = {chance:.4f}; threshold "
-                 f"{m.get('threshold', '?')}; selected layers: {' '.join(map(str, selected)) or 'none'}")
-    return "\n".join(lines)
-
-
-def read_json_object(path, what):
-    """A JSON file holding an object -> dict, or an EvalError naming the file (bare NaN / Infinity read as None)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f, parse_constant=lambda name: None)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not {what}: invalid JSON at line {e.lineno} ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not {what}: not UTF-8 text ({e.reason})") from None
-    except IsADirectoryError:
-        raise EvalError(f"{path}: a folder, not {what}") from None
-    if not isinstance(m, dict):
-        raise EvalError(f"{path}: not {what}: a JSON {type(m).__name__}, not an object")
-    return m
-
-# ----------------------------------------------------------------------------- Figure 6
-
-
-def figure6(runs, paths, path, lang=None):
-    """The paper's Figure 6: ST BLEU against the alignment degree (mean log W over the layers every run was measured
-    at; lower = speech and text states closer), one labelled point per system: the run itself, or the mean over its
-    seeds with ± sd bars on both axes and each seed as a small dot. -> PNG at `path`; returns the plotted
-    [(name, x mean, y mean, n)]."""
-    Figure = _plot_libs()[0]
-    layers = None
-    for m, p in zip(runs, paths):
-        a = m.get("alignment") or {}
-        if a.get("mean") is None:
-            raise EvalError(f"{p}: no alignment degree (evaluate.py --alignment LAYER ...); --fig6 plots it")
-        if layers is None:
-            layers, first = a.get("layers"), p
-        elif a.get("layers") != layers:
-            raise EvalError(f"{p}: alignment measured at layers {a.get('layers')}, {first} at {layers}: "
-                            f"--fig6 compares one degree (the same layers) across runs")
-        st = m.get("bleu", {}).get("st", {})
-        key = lang or next(iter(st), None)
-        if st.get(key, {}).get("score") is None:
-            raise EvalError(f"{p}: no ST BLEU" + (f" for {key}" if key else "") + "; --fig6 plots ST BLEU")
-        lang = key
-    fig = Figure(figsize=FIG6_INCHES, dpi=FIG_DPI)
-    ax = fig.subplots()
-    colors = [f"C{i}" for i in range(10)]
-    out = []
-    for k, (name, g) in enumerate(group_runs(runs)):
-        xs = np.array([m["alignment"]["mean"] for m in g])
-        ys = np.array([m["bleu"]["st"][lang]["score"] for m in g])
-        c = colors[k % len(colors)]
-        label = f"{name} ({len(g)} seeds)" if len(g) > 1 else name
-        if len(g) > 1:
-            ax.scatter(xs, ys, s=12, color=c, alpha=0.35, linewidths=0)
-            ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1), yerr=ys.std(ddof=1), fmt="o", color=c,
-                        capsize=3, markersize=7, label=label)
-        else:
-            ax.plot(xs, ys, "o", color=c, markersize=7, label=label)
-        out.append((name, float(xs.mean()), float(ys.mean()), len(g)))
-    which = "layer " + ", ".join(map(str, layers)) if len(layers) == 1 else "layers " + ", ".join(map(str, layers))
-    ax.set_xlabel(f"alignment degree: mean log W(speech, text) at {which}  (lower = closer)")
-    ax.set_ylabel(f"ST BLEU ({lang})")
-    ax.set_title("ST BLEU against the speech-text alignment degree (paper Figure 6)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(0.15)
-    # the legend below the axes, so that no name next to a point can hide under it
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, title_fontsize=8,
-              title="mean ± sd over seeds (small dots: each seed)" if any(n > 1 for *_, n in out) else None)
-    fig.tight_layout()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.transforms import Bbox
-    renderer = FigureCanvasAgg(fig).get_renderer()
-    # each name next to its point, where it covers no other name and no point (a 16-pixel box around each) ...
-    placed = [Bbox.from_bounds(px - 8, py - 8, 16, 16) for px, py in ax.transData.transform([(x, y) for _, x, y, _
-                                                                                              in out])]
-    inside = ax.get_window_extent(renderer)  # ... and is not cut by the edge of the plot
-    for k, (name, x, y, _) in enumerate(out):
-        for dx, dy, ha in ((8, 6, "left"), (8, -14, "left"), (-8, 6, "right"), (-8, -14, "right"), (8, 20, "left"),
-                           (8, -28, "left"), (-8, 20, "right"), (-8, -28, "right")):
-            label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha,
-                                color=colors[k % len(colors)])
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed) and inside.x0 <= box.x0 and box.x1 <= inside.x1 \
-                    and inside.y0 <= box.y0 and box.y1 <= inside.y1:
-                break
-            label.remove()
-        else:  # nowhere free: the first place (the legend still names the colour)
-            label = ax.annotate(name, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8,
-                                color=colors[k % len(colors)])
-        placed.append(label.get_window_extent(renderer))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", dpi=FIG_DPI)
-    return out
-
 # ----------------------------------------------------------------------------- command line
 
 
-def read_entries(args):
-    """--manifest (ST entries; errors name the file and line) or --audio files -> entries as data.read_manifest."""
-    if args.audio:
-        lang = data.normalize_lang(args.tgt_lang or "zh")
-        return [dict(id=p, audio=p, task="st", text=None, translation=None, tgt_lang=lang, where=f"--audio {p}")
-                for p in args.audio]
-    try:
-        entries = data.read_manifest(args.manifest)
-    except ValueError as e:  # names the file and line
-        raise EvalError(str(e)) from None
-    for e in entries:
-        if e["task"] != "st":
-            raise EvalError(f"{e['where']}: task {e['task']!r}; evaluate.py scores speech translation (task 'st')")
-        if e["text"] is None and ("mt" in args.mode or args.alignment or args.tsne):
-            raise EvalError(f"{e['where']}: no source transcript, which --mode mt, --alignment and --tsne need")
-    if args.limit:
-        entries = entries[:args.limit]
-    if not entries:
-        raise EvalError(f"{args.manifest}: no entries")
-    return entries
-
-
-def run(args):
-    """Model path: decode (--manifest or --audio), score, alignment, t-SNE; rank 0 writes and prints."""
-    entries = read_entries(args)
-    check_ckpt(args)
-    if args.manifest and "none" not in args.mode:  # fail before any decoding
-        for lang in sorted({e["tgt_lang"] for e in entries}):
-            check_tokenizer(bleu_tokenizer(lang, args.tokenize))
-    baselines = read_baselines(args, entries)
-    if args.tsne:
-        _plot_libs()
-    out_dir = None
-    if not args.audio:
-        out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval",
-                                                  os.path.splitext(os.path.basename(args.manifest))[0])
-    modes = [m for m in args.mode if m != "none"]
-    with runtime.process_group(args.dist_timeout) as (rank, world, device):  # nccl on GPUs, gloo on CPUs
-        if out_dir is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            if rank == 0:
-                runtime.clean_temporaries(out_dir, OWN_FILES)  # what a kill during write_atomic left
-            if modes:
-                prepare_partial(out_dir, decoding_config(args, entries), rank, world)
-        lsm = load_model(args, device, verbose=rank == 0 and not args.audio)
-        layers = sorted(set(args.alignment or []) | ({0} if args.tsne else set()))
-        if any(not 0 <= l <= lsm.n_layers for l in layers):  # say so now, not after hours of decoding
-            raise EvalError(f"--alignment {' '.join(map(str, args.alignment))}: the LLM has layers 0 (embeddings) "
-                            f".. {lsm.n_layers}")
-        results = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
-        if out_dir is not None and modes:  # every rank: the closing barrier must not wait on any decoding
-            results = wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
-        reps = None
-        if layers:
-            skipped = {r["index"] for rs in results.values() for r in rs if "skipped" in r}
-            pool = [i for i in range(len(entries)) if i not in skipped]
-            pairs = random.Random(args.seed).sample(pool, min(args.num_pairs, len(pool)))
-            reps = representations(lsm, entries, pairs, layers, args, rank, world, pooled=bool(args.tsne))
-        if args.tsne_base:  # Figure 5's first panel: the base model on the same pairs (one model in memory at once)
-            del lsm
-            base = load_model(argparse.Namespace(**{**vars(args), "ckpt": args.tsne_base}), device, verbose=False)
-            base_reps = representations(base, entries, pairs, [0], args, rank, world, pooled=True)
-    if rank != 0:
-        return None
-    if args.audio:
-        for r in results["st"]:
-            print(r["hypothesis"] if "hypothesis" in r else "")
-        return results
-
-    metrics = dict(name=args.name or os.path.relpath(args.ckpt), ckpt=args.ckpt, manifest=args.manifest,
-                   n=len(entries), world_size=world, train=training_run(args.ckpt), bleu={}, skipped={}, truncated={})
-    for mode, records in results.items():
-        skipped = [r for r in records if "skipped" in r]
-        cut = [r["id"] for r in records if r.get("truncated")]
-        if cut:
-            metrics["truncated"][mode] = cut
-            log(f"{len(cut)} clip(s) longer than Whisper's input window were cut to it (listed in metrics.json)")
-        records = [r for r in records if "skipped" not in r]
-        results[mode] = records
-        write_atomic(os.path.join(out_dir, f"hyps.{mode}.jsonl"), "".join(
-            json.dumps({k: r[k] for k in ("id", "src", "reference", "hypothesis", "tgt_lang")}, ensure_ascii=False)
-            + "\n" for r in records))
-        if skipped:
-            metrics["skipped"][mode] = [r["id"] for r in skipped]
-            log(f"--skip-bad: {len(skipped)} of {len(entries)} entries have unreadable audio and are NOT in the {mode} "
-                f"BLEU below: {[r['id'] for r in skipped][:10]}{' ...' if len(skipped) > 10 else ''} "
-                f"(all listed in metrics.json)")
-        if not records:
-            raise EvalError(f"{args.manifest}: no entry of --mode {mode} could be decoded (all skipped)")
-        metrics["bleu"][mode] = score_records(records, args.tokenize)
-        if mode in baselines:
-            path, base = baselines[mode]
-            add_paired(metrics["bleu"][mode], *common_segments(records, base, f"the {mode} hypotheses", path),
-                       args.tokenize, source=path, whole_baseline=base)
-        for lang, s in metrics["bleu"][mode].items():
-            print(score_report(f"{mode.upper()} {lang}", s, len(skipped)))
-    if args.alignment:
-        metrics["alignment"] = summarize_alignment(reps, args.alignment)
-        a = metrics["alignment"]
-        print(f"alignment degree (mean log Wasserstein, {a['num_pairs']} pairs): "
-              + ", ".join(f"layer {l} {_fmt(v, 4)}" for l, v in a["log_w"].items())
-              + f"; mean {_fmt(a['mean'], 4)} (mismatched pairs {_fmt(a['mismatched_mean'], 4)})")
-    if args.tsne:
-        panels = [(name, np.stack([r["speech0"] for r in rs]), np.stack([r["text0"] for r in rs])) for name, rs in
-                  ([(args.tsne_base_name, base_reps)] if args.tsne_base else []) + [(metrics["name"], reps)]]
-        tsne_panels(panels, args.tsne, seed=args.seed)
-        metrics["tsne"] = dict(path=args.tsne, num_pairs=len(reps), panels=[name for name, *_ in panels],
-                               base_ckpt=args.tsne_base)
-        print(f"Figure 5 (t-SNE of layer 0, {len(reps)} pairs; {' | '.join(n for n, *_ in panels)}): {args.tsne}")
-    metrics["args"] = vars(args)
-    metrics = finite_json(metrics)
-    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1, ensure_ascii=False,
-                                                                   allow_nan=False))
-    _remove_partial(out_dir)
-    print(f"\nhypotheses and metrics.json in {out_dir}\n")
-    print(summary_table([metrics]))
-    metrics["records"] = results  # for callers (tests); not written
-    return metrics
-
-
-def _remove_partial(out_dir):
-    """The partial hypotheses are merged into hyps.*.jsonl: remove them (rank 0, every rank has finished)."""
-    folder = os.path.join(out_dir, PARTIAL)
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            os.remove(os.path.join(folder, name))
-        os.rmdir(folder)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
     g = p.add_argument_group("what to evaluate (one of --manifest, --audio, --hyps, --table, --mrr)")
     g.add_argument("--ckpt", help="trainable state (LSM.save_trainable), e.g. runs/stage3/best.safetensors; "
                                   "its .json sidecar names the base checkpoints")
@@ -1183,11 +753,9 @@ def build_parser():
                         "system, mean ± sd; the first system is the baseline of the p-values)")
     g.add_argument("--mrr", metavar="LAYERS_JSON", help="print select_layers.py's layers.json as a table (Figure 4)")
     g = p.add_argument_group("base checkpoints (default: as saved in CKPT.json)")
-    g.add_argument("--whisper", help="Whisper checkpoint dir or hub id")
-    g.add_argument("--beats", help="BEATs checkpoint file")
-    g.add_argument("--llm", help="LLM dir or hub id")
-    g.add_argument("--llm-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of the frozen LLM")
-    g.add_argument("--dtype", choices=list(AUTOCAST_DTYPES),
+    for name in BACKBONE_FLAGS:
+        config.add_model_flag(g, name, default=None)
+    g.add_argument("--dtype", choices=list(config.DTYPES),
                    help="autocast dtype of the forwards, as training's --dtype (default: the LLM's dtype; float32 = "
                         "no autocast)")
     g = p.add_argument_group("decoding")
@@ -1229,14 +797,7 @@ def build_parser():
     g.add_argument("--tsne-base-name", default="base", help="title of the --tsne-base panel")
     g.add_argument("--num-pairs", type=int, default=1000, help="test pairs for --alignment and --tsne (paper: 1000)")
     g.add_argument("--seed", type=int, default=0, help="sampling of the pairs; t-SNE")
-    g.add_argument("--ot-eps", type=float, default=ot.EPS, help="relative entropic epsilon of ot.wasserstein")
-    g.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
-    g.add_argument("--align-positions", default="real", choices=["real", "all"],
-                   help="speech positions of --alignment / --tsne: real = windows overlapping real audio (this "
-                        "project's reading of the paper), all = every speech position the LLM saw (the same with "
-                        "--speech-tokens real)")
-    g.add_argument("--ot-cost", default="sqeuclidean", choices=["sqeuclidean", "cosine"],
-                   help="OT ground cost of --alignment: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y)")
+    config.add_alignment_args(g)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<manifest name>)")
     g.add_argument("--name", help="row name in the summary table (default: the --ckpt path); runs of one system "
@@ -1256,17 +817,10 @@ def main(argv=None):
         if getattr(args, flag) and not getattr(args, needs):
             p.error(f"--{flag.replace('_', '-')} goes with --{needs}")
     if args.mrr:
-        print(mrr_table(args.mrr))
+        print(results.mrr_table(args.mrr))
         return None
     if args.table:
-        runs = [read_metrics(path) for path in args.table]
-        if args.fig6:
-            _plot_libs()
-        print(summary_table(runs))
-        if args.fig6:
-            figure6(runs, args.table, args.fig6)
-            print(f"\nFigure 6 (ST BLEU against the alignment degree, {len(group_runs(runs))} systems): {args.fig6}")
-        return runs
+        return print_table(args)
     if args.hyps:
         return score_hyps_file(args)
     if not args.ckpt:
@@ -1283,16 +837,22 @@ def main(argv=None):
     try:
         args.instructions_used = data.Instructions(args.instructions).describe()  # recorded in metrics.json
     except ValueError as e:  # names the file
-        raise EvalError(f"--instructions {e}") from None
+        raise UserError(f"--instructions {e}") from None
     return run(args)
 
 
+def print_table(args):
+    """--table [--fig6]: the summary table of the metrics.json files (and Figure 6) -> their contents."""
+    runs = [results.read_metrics(path) for path in args.table]
+    if args.fig6:
+        results.plot_libs()
+    print(results.summary_table(runs))
+    if args.fig6:
+        results.figure6(runs, args.table, args.fig6)
+        n = len(results.group_runs(runs))
+        print(f"\nFigure 6 (ST BLEU against the alignment degree, {n} systems): {args.fig6}")
+    return runs
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (EvalError, data.UserError, FileNotFoundError, FileExistsError) as e:
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        text = str(e)
-        if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the message
-            text = [l for l in text.splitlines() if l.strip()][-1].split(": ", 1)[-1]
-        sys.exit(f"evaluate.py: error: {f'[rank {rank}] ' if rank else ''}{text}")
+    runtime.cli(main, "evaluate.py")

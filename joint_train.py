@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import data
 import model as M
 import ot
@@ -62,9 +63,9 @@ class AlignedObjective(train.Objective):
         super().__init__(lsm)
         if align not in ("ot", "ctc", "cl", "none"):
             raise ValueError(f"--align must be ot, ctc, cl or none, got {align!r}")
-        if align_positions not in M.ALIGN_POSITIONS or ot_cost not in M.OT_COSTS:
+        if align_positions not in config.ALIGN_POSITIONS or ot_cost not in config.OT_COSTS:
             raise ValueError(f"--align-positions {align_positions!r} / --ot-cost {ot_cost!r}: expected one of "
-                             f"{M.ALIGN_POSITIONS} / {M.OT_COSTS}")
+                             f"{config.ALIGN_POSITIONS} / {config.OT_COSTS}")
         self.align, self.alpha, self.ot_eps, self.ot_iters, self.tau = align, alpha, ot_eps, ot_iters, cl_temperature
         self.align_positions, self.ot_cost = align_positions, ot_cost
         self.layers = {"ot": tuple(layers), "ctc": (0,), "cl": (0,), "none": ()}[align]
@@ -91,8 +92,8 @@ class AlignedObjective(train.Objective):
         # text states: no gradient (LSM.text_forward runs under no_grad) and detached again for clarity
         text, text_mask = self.lsm.text_forward(batch["transcripts"], batch["instructions"], self.layers)
         if self.align == "cl":
-            align = n_pair_loss(masked_mean(out["hidden"][0], speech_mask), masked_mean(text[0].detach(), text_mask),
-                                self.tau)
+            align = n_pair_loss(M.masked_mean(out["hidden"][0], speech_mask),
+                                M.masked_mean(text[0].detach(), text_mask), self.tau)
             return dict(loss=self.alpha * ce + (1 - self.alpha) * align, cl=align.detach(), **logs)
         # all selected layers in one batched Sinkhorn call (each problem has its own eps and masses, so this
         # equals one call per layer); the aligned positions are a prefix: the unused tail (88 -> n) is cut first
@@ -122,12 +123,6 @@ class AlignedObjective(train.Objective):
         targets = torch.tensor([i for x in ids for i in x], dtype=torch.long, device=log_probs.device)
         return F.ctc_loss(log_probs, targets, speech_mask.sum(1), torch.tensor([len(x) for x in ids]),
                           blank=self.vocab, zero_infinity=True)
-
-
-def masked_mean(x, mask):
-    """(B, n, d), (B, n) bool -> (B, d): mean over the valid positions (length-averaged representation)."""
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def n_pair_loss(s, t, tau):
@@ -192,17 +187,10 @@ def parser():
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers I to align with --align ot (0 = embeddings)")
     p.add_argument("--layers-from", default=None, help="layers.json of select_layers.py (its 'selected' layers)")
     p.add_argument("--alpha", type=float, default=0.99, help="CE weight; the alignment weight is 1 - alpha (eq. 6)")
-    p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
-    p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
     p.add_argument("--cl-temperature", type=float, default=0.1,
                    help="temperature tau of --align cl: cosines / tau, small = focus on the hardest negatives")
-    p.add_argument("--align-positions", default="real", choices=M.ALIGN_POSITIONS,
-                   help="speech positions that are aligned: real = windows overlapping real audio (this project's "
-                        "reading of the paper), all = every speech position the LLM saw (the same with "
-                        "--speech-tokens real)")
-    p.add_argument("--ot-cost", default="sqeuclidean", choices=M.OT_COSTS,
-                   help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the paper)")
-    train.note_init_overrides(M.add_model_args(p))
+    config.add_alignment_args(p)
+    config.add_model_args(p, init=True)
     train.add_train_args(p, warmup_steps=3000, max_steps=80000, validation=True)
     return p
 
@@ -224,7 +212,7 @@ def main(argv=None):
     dev_entries = data.read_nonempty(args.dev, "--dev", args.skip_bad) if args.dev else None
 
     torch.manual_seed(args.seed)  # the same CTC head on every rank
-    lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args))
+    lsm = M.LSM.from_trainable(args.init, **config.model_overrides(parser, argv, args))
     objective = AlignedObjective(lsm, args.align, layers or (), args.alpha, args.ot_eps, args.ot_iters,
                                  args.cl_temperature, args.align_positions, args.ot_cost)
     from transformers import WhisperFeatureExtractor

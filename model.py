@@ -18,11 +18,13 @@ Hidden states (the paper's layers): layer 0 is the LLM's input embedding (for sp
 the speech positions; for text: the transcript's token embeddings), layer l >= 1 the output of decoder layer l,
 the last one after the final norm (as HF's `output_hidden_states`).
 
-Not a framework: `LSM` is one nn.Module; `forward` is `speech_forward` (train.py all-reduces the gradients itself,
-so any wrapper works; `text_forward` has no gradient).
+The hyperparameters (sizes, LoRA, template, dtypes) are config.ModelConfig. Not a framework: `LSM` is one nn.Module;
+`forward` is `speech_forward` (train.py all-reduces the gradients itself, so any wrapper works; `text_forward` has
+no gradient).
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -34,13 +36,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 import beats as beats_lib
+import config
+import runtime
+from config import DTYPES, TEMPLATE_BY_MODEL_TYPE, TEMPLATES, ModelConfig
 from data import UserError
 
 SAMPLE_RATE = 16000
 FRAMES_30S = 1500  # Whisper encoder frames for its fixed 30 s input (50 Hz)
 SAMPLES_PER_FRAME = SAMPLE_RATE * 30 // FRAMES_30S  # 320
 IGNORE = -100  # label of positions without loss
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def window_frames(second_per_window=0.333333):
@@ -61,8 +65,10 @@ def rank_device():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
+# ----------------------------------------------------------------------------- the frozen backbones
 
-class _WhisperEncoderOnly(WhisperEncoder):
+
+class WhisperEncoderOnly(WhisperEncoder):
     """Whisper's encoder loaded alone from a WhisperModel ("encoder.*") or WhisperForConditionalGeneration
     ("model.encoder.*", openai/whisper-large-v2) checkpoint: the decoder's tensors are never read (large-v2: 2.5 GB
     of encoder instead of 6.2 GB for the whole model in float32, per rank)."""
@@ -72,11 +78,12 @@ class _WhisperEncoderOnly(WhisperEncoder):
     @classmethod
     def load(cls, path, device):
         from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != "whisper":
-            raise ValueError(f"--whisper {path}: not a Whisper checkpoint (its config is a {config.model_type!r} one)")
-        enc, info = cls.from_pretrained(path, config=config, key_mapping=cls.KEY_MAPPING, output_loading_info=True,
-                                        device_map={"": device}, **_dtype_kwarg(torch.float32))
+        whisper_config = AutoConfig.from_pretrained(path)
+        if whisper_config.model_type != "whisper":
+            raise ValueError(f"--whisper {path}: not a Whisper checkpoint (its config is a "
+                             f"{whisper_config.model_type!r} one)")
+        enc, info = cls.from_pretrained(path, config=whisper_config, key_mapping=cls.KEY_MAPPING,
+                                        output_loading_info=True, device_map={"": device}, dtype=torch.float32)
         missing = sorted(info["missing_keys"])
         if missing:  # from_pretrained leaves them randomly initialised (shape mismatches raise in it)
             raise ValueError(f"--whisper {path}: not a Whisper checkpoint with an encoder: {len(missing)} encoder "
@@ -84,11 +91,21 @@ class _WhisperEncoderOnly(WhisperEncoder):
         return enc
 
 
-def _dtype_kwarg(dtype):
-    import transformers  # `dtype` replaced `torch_dtype` in transformers 4.56
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+class PretrainedBackbones:
+    """Where LSM gets its frozen parts: from their checkpoints, tensor by tensor onto `device`, so a GPU rank never
+    holds them in host memory. (gpu_plan.py passes a source that builds them from their configs instead.)"""
 
+    @staticmethod
+    def whisper(cfg, device):
+        return WhisperEncoderOnly.load(cfg.whisper, device)
+
+    @staticmethod
+    def beats(cfg, device):
+        return beats_lib.load_beats(cfg.beats, unsafe_load=cfg.beats_unsafe_load).to(device)
+
+    @staticmethod
+    def llm(cfg, device):
+        return AutoModelForCausalLM.from_pretrained(cfg.llm, device_map={"": device}, dtype=DTYPES[cfg.llm_dtype])
 
 # ----------------------------------------------------------------------------- connector
 
@@ -106,10 +123,6 @@ class WindowQFormer(nn.Module):
         cfg = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                  intermediate_size=ffn, encoder_hidden_size=enc_dim, cross_attention_frequency=1)
         self.bert = Blip2QFormerModel(cfg)
-        for layer in self.bert.encoder.layer:  # older transformers build a text-input FFN that queries never use
-            for name in ("intermediate", "output"):
-                if hasattr(layer, name):
-                    delattr(layer, name)
         self.query = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
 
     def forward(self, x):
@@ -119,19 +132,6 @@ class WindowQFormer(nn.Module):
         out = self.bert(query_embeds=self.query.expand(B * W, -1, -1), encoder_hidden_states=windows)
         return out.last_hidden_state.reshape(B, W, -1)  # (B*W, 1, H) -> (B, W, H)
 
-
-# ----------------------------------------------------------------------------- prompt templates
-
-
-TEMPLATES = {
-    # SALMONN: "USER: <Speech><SpeechHere></Speech> {instruction}\nASSISTANT:" after the BOS token
-    "vicuna": dict(bos=True, before="USER: <Speech>", after="</Speech> {instruction}\nASSISTANT:"),
-    # Qwen2-Audio (base): "<|audio_bos|><|AUDIO|><|audio_eos|>{instruction}", no BOS
-    "qwen2": dict(bos=False, before="<|audio_bos|>", after="<|audio_eos|>{instruction}"),
-}
-TEMPLATE_BY_MODEL_TYPE = {"llama": "vicuna", "qwen2": "qwen2"}
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -140,88 +140,52 @@ class _StopForward(Exception):
 
 
 class LSM(nn.Module):
-    """Large speech-text model. Build with `LSM.from_args(args)` or `LSM(whisper=..., llm=..., beats=...)`."""
+    """Large speech-text model. Build with `LSM.from_args(args)`, `LSM.from_trainable(path)` or
+    `LSM(whisper, llm, beats, **options)`, options: the other config.ModelConfig fields."""
 
-    def __init__(self, whisper, llm, beats=None, *, lora_r=8, lora_alpha=32, lora_dropout=0.1,
-                 lora_targets=("q_proj", "v_proj"), template="auto", speech_tokens="all", llm_dtype="bfloat16",
-                 second_per_window=0.333333, qformer_layers=2, qformer_hidden=768, qformer_heads=12,
-                 qformer_ffn=3072, beats_unsafe_load=False, verbose=True, device=None):
-        """device: where the frozen Whisper encoder and LLM are loaded, tensor by tensor from the checkpoint files
-        (default: rank_device()), so a GPU rank never holds them in host memory; not a build argument."""
+    def __init__(self, whisper, llm, beats=None, *, verbose=True, device=None, backbones=PretrainedBackbones,
+                 **options):
+        """device: where the frozen Whisper encoder and LLM are loaded (default: rank_device()); backbones: where they
+        come from (PretrainedBackbones: their checkpoints). Neither is a build argument."""
         super().__init__()
-        if speech_tokens not in ("all", "real"):
-            raise ValueError(f"--speech-tokens must be 'all' or 'real', got {speech_tokens!r}")
-        if llm_dtype not in DTYPES:
-            raise ValueError(f"--llm-dtype must be one of {list(DTYPES)}, got {llm_dtype!r}")
-        # everything needed to rebuild this model (saved beside the trainable weights)
-        self.build_args = dict(
-            whisper=whisper, llm=llm, beats=beats, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            lora_targets=list(lora_targets), template=template, speech_tokens=speech_tokens, llm_dtype=llm_dtype,
-            second_per_window=second_per_window, qformer_layers=qformer_layers, qformer_hidden=qformer_hidden,
-            qformer_heads=qformer_heads, qformer_ffn=qformer_ffn, beats_unsafe_load=beats_unsafe_load)
-        self.speech_tokens = speech_tokens
+        self.config = cfg = ModelConfig(whisper=whisper, llm=llm, beats=beats, **options)
+        self.speech_tokens = cfg.speech_tokens
+        device = torch.device(device) if device is not None else rank_device()
 
         # frozen encoders (float32; under autocast they compute in half precision, except BEATs' fbank)
-        device = torch.device(device) if device is not None else rank_device()
-        self.whisper = _WhisperEncoderOnly.load(whisper, device).requires_grad_(False).eval()
-        self.beats = (beats_lib.load_beats(beats, unsafe_load=beats_unsafe_load).to(device)
-                      if beats else None)  # frozen, eval
+        self.whisper = backbones.whisper(cfg, device).requires_grad_(False).eval()
+        self.beats = backbones.beats(cfg, device) if beats else None  # frozen, eval
         d_whisper = self.whisper.config.d_model
         d_beats = self.beats.cfg.encoder_embed_dim if self.beats is not None else 0
 
         # trainable connector
         self.ln_whisper = nn.LayerNorm(d_whisper)
         self.ln_beats = nn.LayerNorm(d_beats) if self.beats is not None else None
-        self.window = window_frames(second_per_window)
-        self.qformer = WindowQFormer(d_whisper + d_beats, self.window, qformer_hidden, qformer_layers,
-                                     qformer_heads, qformer_ffn)
+        self.window = window_frames(cfg.second_per_window)
+        self.qformer = WindowQFormer(d_whisper + d_beats, self.window, cfg.qformer_hidden, cfg.qformer_layers,
+                                     cfg.qformer_heads, cfg.qformer_ffn)
 
         # frozen LLM + LoRA
         self.tokenizer = AutoTokenizer.from_pretrained(llm)
-        base = AutoModelForCausalLM.from_pretrained(llm, device_map={"": device}, **_dtype_kwarg(DTYPES[llm_dtype]))
-        base.requires_grad_(False)
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=list(lora_targets), task_type="CAUSAL_LM")
+        base = backbones.llm(cfg, device).requires_grad_(False)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         self.llm = get_peft_model(base, lora)
-        self.proj = nn.Linear(qformer_hidden, base.config.hidden_size)
+        self.proj = nn.Linear(cfg.qformer_hidden, base.config.hidden_size)
         self.n_layers = base.config.num_hidden_layers
-        self._set_template(template, base.config.model_type)
+        self.template_name, self.prefix_ids, self.after, self.eos_id, self.pad_id = prompt_template(
+            cfg.template, base.config.model_type, self.tokenizer, llm)
         self.to(device)  # the new modules (connector); the loaded ones are there already
-
         if verbose:
-            counts = {}
-            for name, p in self.named_parameters():
-                if p.requires_grad:
-                    part = "lora" if "lora_" in name else name.split(".")[0]
-                    counts[part] = counts.get(part, 0) + p.numel()
-            print(f"LSM: trainable parameters {sum(counts.values()):,} "
-                  f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}); template {self.template_name} "
-                  f"(speech follows {self.tokenizer.convert_ids_to_tokens(self.prefix_ids)}), speech tokens "
-                  f"{speech_tokens}, {'Whisper + BEATs' if self.beats is not None else 'Whisper only'}")
-
-    # ------------------------------------------------------------------ construction helpers
-
-    def _set_template(self, template, model_type):
-        if template == "auto":
-            if model_type not in TEMPLATE_BY_MODEL_TYPE:
-                raise ValueError(f"--template auto: no template for LLM model_type {model_type!r}; "
-                                 f"pass --template {'|'.join(TEMPLATES)}")
-            template = TEMPLATE_BY_MODEL_TYPE[model_type]
-        if template not in TEMPLATES:
-            raise ValueError(f"--template must be auto or one of {list(TEMPLATES)}, got {template!r}")
-        t, tok = TEMPLATES[template], self.tokenizer
-        if t["bos"] and tok.bos_token_id is None:
-            raise ValueError(f"template {template} needs a BOS token; the tokenizer of {self.build_args['llm']} has none")
-        if tok.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {self.build_args['llm']} has no EOS token")
-        self.template_name = template
-        self.prefix_ids = ([tok.bos_token_id] if t["bos"] else []) + self._ids(t["before"])
-        self.after = t["after"]
-        self.eos_id = tok.eos_token_id  # "<|endoftext|>" for Qwen2 base, "</s>" for Vicuna
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            print(summary(self))
 
     def _ids(self, text):
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def build_args(self):
+        """The constructor arguments, as saved beside the trainable weights (<path>.json)."""
+        return dataclasses.asdict(self.config)
 
     @property
     def causal_lm(self):
@@ -244,15 +208,6 @@ class LSM(nn.Module):
         if self.beats is not None:
             self.beats.eval()
         return self
-
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
 
     # ------------------------------------------------------------------ speech side
 
@@ -345,12 +300,6 @@ class LSM(nn.Module):
         if bad:
             raise UserError(f"layers {bad} out of range: the LLM has layers 0 (embeddings) .. {self.n_layers}")
 
-    @staticmethod
-    def _gather(h, pos, pos_mask):
-        """h (B, S, d), pos (B, M) -> (B, M, d) states at those positions, zero where pos_mask is False."""
-        out = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-        return out * pos_mask[..., None].to(out.dtype)
-
     def _run_decoder(self, inp, hidden_states):
         return self.decoder(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                             position_ids=inp["position_ids"], output_hidden_states=hidden_states, use_cache=False,
@@ -379,7 +328,7 @@ class LSM(nn.Module):
         logits = self.causal_lm.get_output_embeddings()(out.last_hidden_state[:, :-1][sel]).float()
         target = labels[sel]
         loss = F.cross_entropy(logits, target)
-        hidden = {l: self._gather(out.hidden_states[l], inp["pos"], inp["pos_mask"]) for l in layers}
+        hidden = {l: at_positions(out.hidden_states[l], inp["pos"], inp["pos_mask"]) for l in layers}
         return dict(loss=loss, n_correct=(logits.argmax(-1) == target).sum(), n_tokens=sel.sum(), hidden=hidden,
                     speech_mask=speech_mask[:, :inp["pos"].shape[1]], seen_mask=inp["pos_mask"])
 
@@ -393,12 +342,12 @@ class LSM(nn.Module):
         self._check_layers(layers)
         if not layers:
             raise ValueError("text_forward: give at least one layer")
-        with self._eval_mode():
+        with eval_mode(self):
             inp = self.splice(self._embed_texts(transcripts), instructions)
             states = {0: inp["embeds"]}
             if max(layers) > 0:
                 states.update(self._decoder_states(inp, max(layers)))
-            hidden = {l: self._gather(states[l], inp["pos"], inp["pos_mask"]) for l in layers}
+            hidden = {l: at_positions(states[l], inp["pos"], inp["pos_mask"]) for l in layers}
         return hidden, inp["pos_mask"]
 
     def _decoder_states(self, inp, n):
@@ -434,7 +383,7 @@ class LSM(nn.Module):
         """Decode from speech (mode "st") or from the transcript in place of the speech (mode "mt", the paper's
         zero-shot MT). Left-padded prompts, greedy if num_beams == 1 else beam search, stop at the template's EOS.
         Returns the new token ids (B, n <= max_new_tokens), padded with the pad id after EOS."""
-        with self._eval_mode():
+        with eval_mode(self):
             if mode == "st":
                 middles = self._speech_middles(*self.encode_speech(batch))
             elif mode == "mt":
@@ -442,24 +391,12 @@ class LSM(nn.Module):
             else:
                 raise ValueError(f"generate: mode must be 'st' or 'mt', got {mode!r}")
             inp = self.splice(middles, batch["instructions"], left_pad=True)
-            with self.packed_lm_head():
+            with packed_lm_head(self.causal_lm):
                 # every decoding option explicit, so none comes from the checkpoint's generation_config (e.g. sampling)
                 return self.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                                          max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                          repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
                                          eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
-
-    @contextlib.contextmanager
-    def packed_lm_head(self):
-        """Inside, the LM head gets a packed copy of its input. HF's generation feeds it the slice hidden[:, -1:]; on
-        that stride torch 2.13's CPU bf16 linear takes a slow path (Qwen2's 152064 x 3584 head: 18 s and a 2 GB
-        transient per call, 0.15 s on a packed copy; with beams it copies the whole head once per token)."""
-        hook = self.causal_lm.get_output_embeddings().register_forward_pre_hook(
-            lambda mod, args: (args[0].clone(memory_format=torch.contiguous_format), *args[1:]))
-        try:
-            yield
-        finally:
-            hook.remove()
 
     def generate(self, batch, mode="st", num_beams=4, max_new_tokens=200):
         """-> list of B decoded strings (special tokens skipped, stripped). See generate_ids."""
@@ -468,17 +405,8 @@ class LSM(nn.Module):
 
     # ------------------------------------------------------------------ trainable state
 
-    def check_training_precision(self):
-        """Training supports a bfloat16 LLM (the paper's; any --dtype) and a float32 one. A float16 LLM is refused:
-        there is no loss scaling, so gradients flowing back through it to LoRA and the connector underflow to zero
-        or overflow to inf (float16's range ends at 65504). evaluate.py and select_layers.py accept float16."""
-        if self.build_args["llm_dtype"] == "float16":
-            raise ValueError("--llm-dtype float16: training with a float16 LLM is not supported (no gradient scaler); "
-                             "train with --llm-dtype bfloat16 (the paper's) or float32 (with --init, the flag "
-                             "overrides the checkpoint's .json); evaluate.py decodes in float16 too")
-
     def trainable_state(self):
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        return trainable_parameters(self)
 
     def save_trainable(self, path):
         """Trainable parameters -> `path` (safetensors); constructor arguments -> `path` + ".json"."""
@@ -491,47 +419,17 @@ class LSM(nn.Module):
     def load_trainable(self, path):
         """Load what save_trainable wrote into this model (every trainable parameter, nothing else)."""
         from safetensors.torch import load_file
-        state, own = load_file(path), self.trainable_state()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"{path}: does not match this model's trainable parameters: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{'...' if len(unexpected) > 5 else ''} (was it saved with other model flags? "
-                             f"see {path}.json)")
-        with torch.no_grad():
-            for n, p in own.items():
-                if p.shape != state[n].shape:
-                    raise UserError(f"{path}: {n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
-                p.copy_(state[n])
+        load_trainable_state(self, load_file(path), path, f"was it saved with other model flags? see {path}.json")
         return self
 
     @classmethod
     def from_trainable(cls, path, **overrides):
         """Rebuild the model from `path`.json (overrides replace entries, e.g. llm=...) and load `path`.
         A missing or unreadable file raises UserError naming it."""
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file (the trainable weights written by a stage's LSM.save_trainable, "
-                            f"e.g. runs/stage1/last.safetensors)")
-        try:
-            with open(path + ".json") as f:
-                cfg = json.load(f)
-        except FileNotFoundError:
-            raise UserError(f"{path}.json is missing: save_trainable writes the model's build arguments beside "
-                            f"{path}; copy both") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}.json: not the JSON save_trainable writes ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path}.json: expected a JSON object of build arguments")
-        cfg = {**cfg, **overrides}
-        from safetensors import SafetensorError, safe_open
-        try:  # the header only: a text or truncated file fails here, before minutes of model building
-            with safe_open(path, "pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                            f"{str(e).strip()[:200]})") from None
-        check_backbones(cfg.get("whisper"), cfg.get("llm"))
-        lsm = cls(**cfg)
+        from safetensors import SafetensorError
+        build_args = {**read_build_args(path), **overrides}
+        check_backbones(build_args.get("whisper"), build_args.get("llm"))
+        lsm = cls(**build_args)
         try:
             return lsm.load_trainable(path)
         except (SafetensorError, OSError) as e:  # a file cut short after its header
@@ -540,15 +438,123 @@ class LSM(nn.Module):
 
     @classmethod
     def from_args(cls, args, **kwargs):
-        """The model of the command-line flags (add_model_args); kwargs: other constructor arguments (device, verbose)."""
+        """The model of the command-line flags (config.add_model_args); kwargs: other constructor arguments (device,
+        verbose, backbones)."""
         check_backbones(args.whisper, args.llm)
-        return cls(whisper=args.whisper, llm=args.llm, beats=None if args.no_beats else args.beats,
-                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                   lora_targets=args.lora_targets, template=args.template, speech_tokens=args.speech_tokens,
-                   llm_dtype=args.llm_dtype, second_per_window=args.second_per_window,
-                   qformer_layers=args.qformer_layers, qformer_hidden=args.qformer_hidden,
-                   qformer_heads=args.qformer_heads, qformer_ffn=args.qformer_ffn,
-                   beats_unsafe_load=args.beats_unsafe_load, **kwargs)
+        return cls(**dataclasses.asdict(ModelConfig.from_args(args)), **kwargs)
+
+# ----------------------------------------------------------------------------- helpers of the model
+
+
+def prompt_template(template, model_type, tokenizer, llm):
+    """--template (auto: the one of the LLM's model_type) -> (name, ids before the speech (BOS if the template has
+    one), text after the speech with {instruction}, EOS id, pad id (EOS where the tokenizer has none))."""
+    if template == "auto":
+        if model_type not in TEMPLATE_BY_MODEL_TYPE:
+            raise ValueError(f"--template auto: no template for LLM model_type {model_type!r}; "
+                             f"pass --template {'|'.join(TEMPLATES)}")
+        template = TEMPLATE_BY_MODEL_TYPE[model_type]
+    t = TEMPLATES[template]
+    if t["bos"] and tokenizer.bos_token_id is None:
+        raise ValueError(f"template {template} needs a BOS token; the tokenizer of {llm} has none")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {llm} has no EOS token")
+    prefix = ([tokenizer.bos_token_id] if t["bos"] else []) + tokenizer(t["before"], add_special_tokens=False).input_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return template, prefix, t["after"], tokenizer.eos_token_id, pad  # EOS: "<|endoftext|>" Qwen2 base, "</s>" Vicuna
+
+
+def at_positions(h, pos, pos_mask):
+    """h (B, S, d), pos (B, M) -> (B, M, d) states at those positions, zero where pos_mask is False."""
+    out = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+    return out * pos_mask[..., None].to(out.dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Inside, `module` is in eval mode (no dropout); then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def packed_lm_head(causal_lm):
+    """Inside, the LM head gets a packed copy of its input. HF's generation feeds it the slice hidden[:, -1:]; on
+    that stride the CPU bf16 linear takes a slow path (Qwen2's 152064 x 3584 head: 18 s and a 2 GB transient per
+    call, 0.15 s on a packed copy; with beams it copies the whole head once per token)."""
+    hook = causal_lm.get_output_embeddings().register_forward_pre_hook(
+        lambda mod, args: (args[0].clone(memory_format=torch.contiguous_format), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def summary(lsm):
+    """One line: the trainable parameters per part, the template, the speech tokens and the encoders."""
+    counts = {}
+    for name, p in trainable_parameters(lsm).items():
+        part = "lora" if "lora_" in name else name.split(".")[0]
+        counts[part] = counts.get(part, 0) + p.numel()
+    return (f"LSM: trainable parameters {sum(counts.values()):,} "
+            f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}); template {lsm.template_name} "
+            f"(speech follows {lsm.tokenizer.convert_ids_to_tokens(lsm.prefix_ids)}), speech tokens "
+            f"{lsm.speech_tokens}, {'Whisper + BEATs' if lsm.beats is not None else 'Whisper only'}")
+
+
+def trainable_parameters(module):
+    """{name: parameter} of the parameters that train (requires_grad): what a stage saves and resumes."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module, state, source, hint):
+    """Copy state[name] into every trainable parameter of `module`. A name on one side only, or another shape,
+    raises UserError naming `source` (the file) with `hint` (why they may differ); nothing is copied then."""
+    own = trainable_parameters(module)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}" for n, p in own.items()
+             if n in state and p.shape != state[n].shape]
+    if missing or unexpected or wrong:
+        few = lambda names: f"{names[:5]}{'...' if len(names) > 5 else ''}"
+        raise UserError(f"{source}: does not match this model's trainable parameters: missing {few(missing)}, "
+                        f"unexpected {few(unexpected)}{''.join('; ' + w for w in wrong[:3])} ({hint})")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(state[n])
+
+
+def read_build_args(path):
+    """The build arguments saved beside the trainable weights `path` (<path>.json), after checking that `path` is a
+    readable safetensors file (its header only: a text or truncated file fails here, before minutes of model
+    building). Each problem raises UserError naming the file."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (the trainable weights written by a stage's LSM.save_trainable, "
+                        f"e.g. runs/stage1/last.safetensors)")
+    try:
+        with open(path + ".json") as f:
+            build_args = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}.json is missing: save_trainable writes the model's build arguments beside "
+                        f"{path}; copy both") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}.json: not the JSON save_trainable writes ({e})") from None
+    if not isinstance(build_args, dict):
+        raise UserError(f"{path}.json: expected a JSON object of build arguments")
+    unknown = sorted(set(build_args) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise UserError(f"{path}.json: {unknown} are not build arguments of this model (config.ModelConfig)")
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                        f"{str(e).strip()[:200]})") from None
+    return build_args
 
 
 def check_backbones(whisper, llm):
@@ -564,38 +570,7 @@ def check_backbones(whisper, llm):
             raise UserError(f"{name} {path}: no config.json there, so not a transformers checkpoint folder "
                             f"(save_pretrained writes config.json, the weights and the tokenizer / preprocessor files)")
 
-
-def add_model_args(parser):
-    """Model flags (defaults: the paper / SALMONN)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--whisper", default="openai/whisper-large-v2", help="Whisper checkpoint (dir or hub id)")
-    g.add_argument("--beats", default=beats_lib.BEATS_CKPT_NAME, help="BEATs checkpoint file")
-    g.add_argument("--no-beats", action="store_true", help="Whisper only (the Q-Former then sees Whisper's width)")
-    g.add_argument("--beats-unsafe-load", action="store_true",
-                   help="load --beats with a full unpickle (torch.load weights_only=False) when the safe loader "
-                        "refuses an object in it: runs code from the file, so only for a file you trust")
-    g.add_argument("--llm", default="Qwen/Qwen2-7B", help="LLM dir or hub id (paper: Qwen2-7B or Vicuna-13B-v1.1)")
-    g.add_argument("--llm-dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the frozen LLM")
-    g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
-                   help="prompt template; auto: llama -> vicuna (SALMONN), qwen2 -> qwen2 (Qwen2-Audio)")
-    g.add_argument("--speech-tokens", default="all", choices=["all", "real"],
-                   help="all: always 88 speech tokens (SALMONN); real: only windows overlapping real audio")
-    g.add_argument("--second-per-window", type=float, default=0.333333, help="Q-Former window (and stride), s")
-    g.add_argument("--qformer-layers", type=int, default=2)
-    g.add_argument("--qformer-hidden", type=int, default=768)
-    g.add_argument("--qformer-heads", type=int, default=12)
-    g.add_argument("--qformer-ffn", type=int, default=3072)
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
-    return parser
-
-
 # ----------------------------------------------------------------------------- what the alignment compares
-
-ALIGN_POSITIONS = ("real", "all")
-OT_COSTS = ("sqeuclidean", "cosine")
 
 
 def alignment_mask(out, positions="real"):
@@ -604,8 +579,8 @@ def alignment_mask(out, positions="real"):
     overlap real audio, out["speech_mask"]; "all" every speech position the LLM saw, out["seen_mask"] (SALMONN feeds
     all 88 windows, silence included). Both put uniform mass on the positions they keep. With --speech-tokens real
     the LLM sees only the real windows, so the two are the same. Real windows are a prefix of each row either way."""
-    if positions not in ALIGN_POSITIONS:
-        raise ValueError(f"--align-positions must be one of {ALIGN_POSITIONS}, got {positions!r}")
+    if positions not in config.ALIGN_POSITIONS:
+        raise ValueError(f"--align-positions must be one of {config.ALIGN_POSITIONS}, got {positions!r}")
     return out["speech_mask"] if positions == "real" else out["seen_mask"]
 
 
@@ -615,17 +590,25 @@ def cost_points(x, y, cost="sqeuclidean"):
     "cosine": C_ij = |x_i/|x_i| - y_j/|y_j||^2 / 2 = 1 - cos(x_i, y_j): the L2-normalised states (in float32 at
     least; gradients flow through the normalisation), factor 1/2. The factor may multiply the value instead of the
     cost because ot.py's epsilon is relative to the cost scale (W(c x, c y) = c^2 W(x, y)), so the plan is the same
-    either way. The cosine cost ignores the norms, which drift
-    apart between speech and text with depth while the directions become similar (beyond the paper)."""
-    if cost not in OT_COSTS:
-        raise ValueError(f"--ot-cost must be one of {OT_COSTS}, got {cost!r}")
+    either way. The cosine cost ignores the norms, which drift apart between speech and text with depth while the
+    directions become similar (beyond the paper)."""
+    if cost not in config.OT_COSTS:
+        raise ValueError(f"--ot-cost must be one of {config.OT_COSTS}, got {cost!r}")
     if cost == "sqeuclidean":
         return x, y, 1.0
     unit = lambda h: F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), dim=-1)
     return unit(x), unit(y), 0.5
 
 
+def masked_mean(h, mask):
+    """(B, n, d), (B, n) bool -> (B, d): the mean over the valid positions (a length-averaged representation: the
+    contrastive baseline's vectors, Figure 5's points); a row without any valid position gives zeros."""
+    m = mask.to(h.dtype)[..., None]
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 if __name__ == "__main__":
-    p = add_model_args(argparse.ArgumentParser(description="Build the LSM and print its trainable parameters.",
-                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    LSM.from_args(p.parse_args())
+    parser = config.add_model_args(argparse.ArgumentParser(description="Build the LSM and print its trainable "
+                                                                       "parameters.",
+                                                           formatter_class=runtime.HelpFormatter))
+    runtime.cli(lambda: LSM.from_args(parser.parse_args()), "model.py")

@@ -36,6 +36,7 @@ import os
 
 import torch
 
+import config
 import data
 import model as M
 import runtime
@@ -52,7 +53,7 @@ def parser():
                    help="base share of a manifest before its weight: size = its number of entries (SALMONN: one "
                         "uniform draw from the concatenation), equal = the same for every manifest")
     p.add_argument("--epoch-size", type=int, default=None, help="draws per epoch (default: all entries)")
-    M.add_model_args(p)
+    config.add_model_args(p)
     train.add_train_args(p, warmup_steps=9000, max_steps=80000)
     return p
 

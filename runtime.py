@@ -403,14 +403,8 @@ def save_checkpoint(model, opt, sched, progress, args, rank, world, meta):
 
 
 def load_checkpoint(ck, path, model, opt, sched, st, rank, world):
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(own) != set(ck["model"]):
-        raise data.UserError(f"--resume: {path} holds other trainable parameters than this model "
-                             f"(missing {sorted(set(own) - set(ck['model']))[:3]}, "
-                             f"unexpected {sorted(set(ck['model']) - set(own))[:3]}): were the model flags changed?")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(ck["model"][n])
+    from model import load_trainable_state  # the model stack is loaded by then
+    load_trainable_state(model, ck["model"], f"--resume: {path}", "were the model flags changed?")
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     st.update(ck["state"])

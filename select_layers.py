@@ -32,7 +32,6 @@ blocks with a progress bar.
 """
 import argparse
 import json
-import math
 import os
 import random
 
@@ -40,11 +39,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import config
 import data
 import model as M
 import ot
 import runtime
-import train
+from results import chance_mrr  # (mean, sd) of the MRR of random rankings: the module docstring
 
 
 # ----------------------------------------------------------------------------- retrieval metric (pure)
@@ -61,14 +61,6 @@ def ranks(D):
 def mean_reciprocal_rank(D):
     """Eq. 4: MRR = 1/Q sum_i 1 / r_i."""
     return (1.0 / ranks(D).double()).mean().item()
-
-
-def chance_mrr(n):
-    """(mean, sd) of the MRR of N independent uniformly random rankings of N candidates (module docstring)."""
-    h1 = sum(1.0 / r for r in range(1, n + 1))
-    h2 = sum(1.0 / r ** 2 for r in range(1, n + 1))
-    mean = h1 / n
-    return mean, math.sqrt(max(h2 / n - mean ** 2, 0.0) / n)
 
 
 def chance_within_reach(n, threshold, sds=3.0):
@@ -214,13 +206,7 @@ def parser():
                         "layer without any alignment is likely to pass (paper: N = 1000, chance 0.0075)")
     p.add_argument("--seed", type=int, default=0, help="which pairs are sampled")
     p.add_argument("--batch-size", type=int, default=8, help="forward batch")
-    p.add_argument("--ot-eps", type=float, default=ot.EPS, help="Sinkhorn epsilon, relative to the cost scale (ot.py)")
-    p.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
-    p.add_argument("--align-positions", default="real", choices=M.ALIGN_POSITIONS,
-                   help="speech positions compared: real = windows overlapping real audio (this project's reading of "
-                        "the paper), all = every speech position the LLM saw (same with --speech-tokens real)")
-    p.add_argument("--ot-cost", default="sqeuclidean", choices=M.OT_COSTS,
-                   help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the paper)")
+    config.add_alignment_args(p)
     p.add_argument("--chunk-size", type=int, default=4096, help="OT problems solved at once")
     p.add_argument("--rows", type=int, default=32, help="speech rows of D per block (progress bar step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -230,7 +216,7 @@ def parser():
     p.add_argument("--instructions", default=None,
                    help="JSON file of instructions: this project's format or SALMONN's prompts/*_prompt.json "
                         "(data.Instructions; None: the fixed ones). Speech and text get the same one")
-    train.note_init_overrides(M.add_model_args(p))
+    config.add_model_args(p, init=True)
     return p
 
 
@@ -259,7 +245,7 @@ def main(argv=None):
     runtime.clean_temporaries(args.output_dir, ["layers.json"])
 
     device = torch.device(args.device)
-    lsm = M.LSM.from_trainable(args.init, **train.model_overrides(parser, argv, args)).to(device).eval()
+    lsm = M.LSM.from_trainable(args.init, **config.model_overrides(parser, argv, args)).to(device).eval()
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])

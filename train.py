@@ -139,31 +139,6 @@ def parse_manifests(specs):
     return out
 
 
-def note_init_overrides(parser):
-    """Say in --help that with --init the model flags come from the checkpoint unless given."""
-    for group in parser._action_groups:
-        if group.title == "model":
-            group.description = ("the model is rebuilt from --init's .json; a model flag given on the command line "
-                                 "overrides it (the defaults below apply only to a fresh model)")
-    return parser
-
-
-def model_overrides(make_parser, argv, args):
-    """The model flags given on the command line (even if equal to their defaults), as LSM constructor arguments:
-    they override what a checkpoint's .json says (e.g. --llm-dtype float32, or a moved --llm folder)."""
-    p = make_parser()
-    for action in p._actions:  # parse again with no defaults: only the given flags land in the namespace
-        action.default = argparse.SUPPRESS
-    given = set(vars(p.parse_known_args(argv)[0]))
-    names = ["whisper", "beats", "llm", "llm_dtype", "template", "speech_tokens", "second_per_window",
-             "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn", "lora_r", "lora_alpha",
-             "lora_dropout", "lora_targets", "beats_unsafe_load"]
-    out = {n: getattr(args, n) for n in names if n in given}
-    if args.no_beats:
-        out["beats"] = None
-    return out
-
-
 # ----------------------------------------------------------------------------- the stage-1 objective
 
 
@@ -172,7 +147,7 @@ class Objective(nn.Module):
 
     def __init__(self, lsm):
         super().__init__()
-        lsm.check_training_precision()  # no float16 training (model.py says why)
+        lsm.config.check_training_precision()  # no float16 training (config.py says why)
         self.lsm = lsm
 
     def forward(self, batch):

@@ -6,7 +6,7 @@ Each measurement runs in a fresh process that samples /proc/self/status every 5 
 and peak anonymous memory (RssAnon: what the process itself allocated, as opposed to file pages of memory-mapped
 safetensors, which the page cache shares between the ranks of a node). Printed per build, as JSON lines:
   whisper-full     WhisperModel.from_pretrained(...).encoder (the whole model, then its encoder: the old LSM code)
-  whisper-encoder  model._WhisperEncoderOnly.load (what LSM builds now: the decoder is never read)
+  whisper-encoder  model.WhisperEncoderOnly.load (what LSM builds now: the decoder is never read)
   lsm              model.LSM(whisper, llm, beats) with a bf16 LLM, then every weight touched once (a first forward)
 Numbers depend on the machine and on what else runs: re-measure on a quiet one.
 """
@@ -68,7 +68,7 @@ def child(what, paths):
         from transformers import WhisperModel
         build = lambda: touch(WhisperModel.from_pretrained(paths["whisper"], dtype=torch.float32).encoder)
     elif what == "whisper-encoder":
-        build = lambda: touch(M._WhisperEncoderOnly.load(paths["whisper"], torch.device("cpu")))
+        build = lambda: touch(M.WhisperEncoderOnly.load(paths["whisper"], torch.device("cpu")))
     else:
         build = lambda: touch(M.LSM(paths["whisper"], paths["llm"], paths["beats"], llm_dtype="bfloat16",
                                     verbose=False))

@@ -64,9 +64,8 @@ import tiny  # noqa: E402
 
 def qwen2_template():
     """The LSM's qwen2 template, dict(before=..., after=...{instruction}...): the speech goes between the two.
-    Read from model.TEMPLATES so the LM learns exactly the layout the LSM feeds it (imported on first use: model.py
-    pulls in peft, which `--help` and input checks need not wait for)."""
-    from model import TEMPLATES
+    Read from config.TEMPLATES so the LM learns exactly the layout the LSM feeds it."""
+    from config import TEMPLATES
     return TEMPLATES["qwen2"]
 
 

@@ -150,7 +150,7 @@ def test_figures_are_pngs(demo):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.image
-    import evaluate as E
+    import results
     shapes = {}
     for name in ("fig4_mrr_per_layer.png", "fig5_tsne.png", "fig6_bleu_vs_alignment.png",
                  os.path.join("stage2", "mrr_per_layer.png")):
@@ -162,7 +162,8 @@ def test_figures_are_pngs(demo):
         assert img.std() > 0  # not a blank canvas
         shapes[name] = img.shape[:2]
     # Figure 5: two panels side by side (base | AI-STA)
-    assert shapes["fig5_tsne.png"] == (E.FIG_INCHES[1] * E.FIG_DPI, 2 * E.FIG_INCHES[0] * E.FIG_DPI)
+    assert shapes["fig5_tsne.png"] == (results.FIG_INCHES[1] * results.FIG_DPI,
+                                      2 * results.FIG_INCHES[0] * results.FIG_DPI)
     with open(os.path.join(out, "eval_aista", "metrics.json")) as f:
         assert json.load(f)["tsne"]["panels"] == ["base (CE only)", "AI-STA (OT, selected layers "
                                                   + " ".join(map(str, _selected(out))) + ")"]

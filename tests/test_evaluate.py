@@ -17,8 +17,11 @@ import torch
 
 import data
 import evaluate as E
+import model as M
 import ot
+import results
 import runtime
+import shards
 from conftest import TINY_QFORMER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,10 +235,10 @@ def test_paired_test_needs_the_same_references_in_the_same_order(tmp_path):
         (refs, ["s0", "s1", "x2", "s3"], r"sys.jsonl: line 3 has id 's2' but \S*base.jsonl: line 3 has id 'x2'")]
     for base_refs, ids, message in cases:
         _write_hyps(tmp_path / "base.jsonl", base_refs, base_refs, "zh", ids)
-        with pytest.raises(E.EvalError, match=message):
+        with pytest.raises(data.UserError, match=message):
             E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "base.jsonl")])
     _write_hyps(tmp_path / "base.jsonl", refs, refs, "ja")
-    with pytest.raises(E.EvalError, match="target language 'zh' but .* has 'ja'"):
+    with pytest.raises(data.UserError, match="target language 'zh' but .* has 'ja'"):
         E.main(["--hyps", str(tmp_path / "sys.jsonl"), "--baseline", str(tmp_path / "base.jsonl")])
     with pytest.raises(SystemExit):  # argparse: --baseline belongs to --hyps
         E.main(["--table", str(tmp_path / "m.json"), "--baseline", str(tmp_path / "base.jsonl")])
@@ -251,7 +254,7 @@ def test_japanese_without_mecab_says_what_to_install(tmp_path, monkeypatch):
     f = tmp_path / "h.jsonl"
     f.write_text(json.dumps(dict(reference="駅はどこですか。", hypothesis="駅はどこ", tgt_lang="ja")) + "\n")
     monkeypatch.setitem(sys.modules, "MeCab", None)  # import MeCab -> ImportError
-    with pytest.raises(E.EvalError, match=r'pip install "sacrebleu\[ja\]"'):
+    with pytest.raises(data.UserError, match=r'pip install "sacrebleu\[ja\]"'):
         E.main(["--hyps", str(f)])
     E.main(["--hyps", str(f), "--tokenize", "char"])  # an explicit tokenizer needs no MeCab
 
@@ -266,7 +269,7 @@ def test_bad_hypotheses_files_are_named(tmp_path):
                            "line 2: tgt_lang 'ja' differs from 'de' on line 1"),
                           ("\n", "no hypotheses")]:
         f.write_text(body)
-        with pytest.raises(E.EvalError, match=message):
+        with pytest.raises(data.UserError, match=message):
             E.read_hyps(str(f))
 
 # ----------------------------------------------------------------------------- decoding
@@ -275,7 +278,7 @@ def test_bad_hypotheses_files_are_named(tmp_path):
 def test_shards_cover_the_manifest_in_order():
     for n in range(0, 12):
         for world in (1, 2, 3, 8):
-            parts = [E.shard(n, r, world) for r in range(world)]
+            parts = [shards.shard(n, r, world) for r in range(world)]
             assert sum(parts, []) == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -348,15 +351,15 @@ def test_manifest_evaluation_records_the_paired_bootstrap(trained, manifest, tmp
     monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded before the baseline check"))
     lines = (base / "hyps.st.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (tmp_path / "reordered.jsonl").write_text("".join(lines[1:] + lines[:1]), encoding="utf-8")
-    with pytest.raises(E.EvalError, match=r"reordered.jsonl: line 1: id 'u1' is out of the order of \S*test.jsonl"):
+    with pytest.raises(data.UserError, match=r"reordered.jsonl: line 1: id 'u1' is out of the order of \S*test.jsonl"):
         E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--limit", "3",
                 "--baseline-hyps", str(tmp_path / "reordered.jsonl")])
     (tmp_path / "other.jsonl").write_text(lines[0].replace("你好世界", "你好") + "".join(lines[1:]), encoding="utf-8")
-    with pytest.raises(E.EvalError, match=r"test.jsonl: line 1 and \S*other.jsonl: line 1 have different references"):
+    with pytest.raises(data.UserError, match=r"test.jsonl: line 1 and \S*other.jsonl: line 1 have different references"):
         E.main(["--ckpt", trained["qwen2"][0], *common[:2], "--baseline-hyps", str(tmp_path / "other.jsonl")])
-    with pytest.raises(E.EvalError, match=r"a file holds one mode's hypotheses; for --mode st mt give the baseline's"):
+    with pytest.raises(data.UserError, match=r"a file holds one mode's hypotheses; for --mode st mt give the baseline's"):
         E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base / "hyps.st.jsonl")])
-    with pytest.raises(E.EvalError, match=r"hyps.mt.jsonl not found"):
+    with pytest.raises(data.UserError, match=r"hyps.mt.jsonl not found"):
         (base / "hyps.mt.jsonl").unlink()
         E.main(["--ckpt", trained["qwen2"][0], *common, "--baseline-hyps", str(base)])
 
@@ -433,14 +436,14 @@ def test_manifest_errors_name_the_line(trained, manifest, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(manifest, encoding="utf-8").readline()
                    + json.dumps(dict(id="x", audio="u0.wav", task="asr", text="hi")) + "\n")
-    with pytest.raises(E.EvalError, match=r"bad.jsonl: line 2: task 'asr'"):
+    with pytest.raises(data.UserError, match=r"bad.jsonl: line 2: task 'asr'"):
         E.main(["--ckpt", trained["qwen2"][0], "--manifest", str(bad)])
-    with pytest.raises(E.EvalError, match=r"line 1: invalid JSON"):
+    with pytest.raises(data.UserError, match=r"line 1: invalid JSON"):
         bad.write_text("{oops\n")
         E.main(["--ckpt", trained["qwen2"][0], "--manifest", str(bad)])
-    with pytest.raises(E.EvalError, match=r"--alignment 0 4: the LLM has layers 0 \(embeddings\) .. 3"):
+    with pytest.raises(data.UserError, match=r"--alignment 0 4: the LLM has layers 0 \(embeddings\) .. 3"):
         E.main(["--ckpt", trained["qwen2"][0], "--manifest", manifest, "--alignment", "0", "4"])
-    with pytest.raises(E.EvalError, match="nothing.safetensors.json"):
+    with pytest.raises(data.UserError, match="nothing.safetensors.json"):
         E.main(["--ckpt", str(tmp_path / "nothing.safetensors"), "--manifest", manifest])
     for bad_args in (["--manifest", manifest],  # no --ckpt
                      ["--hyps", "h", "--manifest", manifest],  # two inputs
@@ -513,7 +516,7 @@ def test_alignment_and_tsne_on_the_tiny_model(trained, manifest, tmp_path):
     # Figure 5: a real PNG of the promised size
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = matplotlib.image.imread(str(png))
-    assert img.shape[:2] == (round(E.FIG_INCHES[1] * E.FIG_DPI), round(E.FIG_INCHES[0] * E.FIG_DPI))
+    assert img.shape[:2] == (round(results.FIG_INCHES[1] * results.FIG_DPI), round(results.FIG_INCHES[0] * results.FIG_DPI))
     assert img[..., :3].std() > 0.01  # something is drawn
     assert metrics["tsne"]["num_pairs"] == 4
 
@@ -524,8 +527,8 @@ def test_figure5_two_panels_from_two_checkpoints(trained, manifest, tmp_path, mo
     import random
     import matplotlib.image
     (ckpt, lsm), (base_ckpt, base_lsm) = trained["qwen2"], trained["qwen2_b"]
-    drawn, real = [], E.tsne_panels
-    monkeypatch.setattr(E, "tsne_panels", lambda panels, path, seed=0: drawn.append(panels) or real(panels, path, seed))
+    drawn, real = [], results.tsne_panels
+    monkeypatch.setattr(results, "tsne_panels", lambda panels, path, seed=0: drawn.append(panels) or real(panels, path, seed))
     png = tmp_path / "fig5.png"
     metrics = E.main(["--ckpt", ckpt, "--manifest", manifest, "--mode", "none", "--tsne", str(png), "--name", "AI-STA",
                       "--tsne-base", base_ckpt, "--tsne-base-name", "base (CE only)", "--num-pairs", "4",
@@ -537,15 +540,15 @@ def test_figure5_two_panels_from_two_checkpoints(trained, manifest, tmp_path, mo
         for (_, speech, text), model in zip(panels, (base_lsm, lsm)):
             out = model.speech_forward(batch, [0])
             t, tmask = model.text_forward(batch["transcripts"], batch["instructions"], [0])
-            np.testing.assert_allclose(speech, E.length_mean(out["hidden"][0], out["speech_mask"]).numpy(), rtol=1e-5)
-            np.testing.assert_allclose(text, E.length_mean(t[0], tmask).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(speech, M.masked_mean(out["hidden"][0], out["speech_mask"]).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(text, M.masked_mean(t[0], tmask).numpy(), rtol=1e-5)
     # layer-0 text states are the frozen LLM's token embeddings: the same in both models; the speech side is not
     np.testing.assert_array_equal(panels[0][2], panels[1][2])
     assert np.abs(panels[0][1] - panels[1][1]).max() > 1e-3
     img = matplotlib.image.imread(str(png))
-    assert img.shape[:2] == (round(E.FIG_INCHES[1] * E.FIG_DPI), round(2 * E.FIG_INCHES[0] * E.FIG_DPI))
+    assert img.shape[:2] == (round(results.FIG_INCHES[1] * results.FIG_DPI), round(2 * results.FIG_INCHES[0] * results.FIG_DPI))
     # the same settings in every panel: the same states give the same picture
-    xy = E.tsne_panels([("a", panels[1][1], panels[1][2]), ("b", panels[1][1], panels[1][2])], str(tmp_path / "s.png"))
+    xy = results.tsne_panels([("a", panels[1][1], panels[1][2]), ("b", panels[1][1], panels[1][2])], str(tmp_path / "s.png"))
     np.testing.assert_array_equal(xy[0], xy[1])
     with pytest.raises(SystemExit):  # argparse: --tsne-base needs --tsne
         E.main(["--ckpt", ckpt, "--manifest", manifest, "--tsne-base", base_ckpt])
@@ -555,7 +558,7 @@ def test_tsne_separates_planted_modalities(tmp_path):
     pytest.importorskip("sklearn")
     rng = np.random.default_rng(0)
     speech, text = rng.normal(0, 1, (20, 8)) + 10, rng.normal(0, 1, (20, 8)) - 10
-    xy = E.tsne_figure(speech, text, str(tmp_path / "f.png"))
+    xy = results.tsne_figure(speech, text, str(tmp_path / "f.png"))
     assert xy.shape == (40, 2)
     # the two clusters stay apart in 2-D: every speech point is closer to the speech centre than to the text one
     cs, ct = xy[:20].mean(0), xy[20:].mean(0)
@@ -565,7 +568,7 @@ def test_tsne_separates_planted_modalities(tmp_path):
 def test_tsne_without_scikit_learn_fails_before_loading_the_model(trained, manifest, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
     monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded before the dependency check"))
-    with pytest.raises(E.EvalError, match="pip install scikit-learn matplotlib"):
+    with pytest.raises(data.UserError, match="pip install scikit-learn matplotlib"):
         E.main(["--ckpt", trained["qwen2"][0], "--manifest", manifest, "--tsne", str(tmp_path / "f.png")])
 
 # ----------------------------------------------------------------------------- summary table
@@ -575,7 +578,7 @@ def test_summary_table_in_the_form_of_the_papers_tables(tmp_path, capsys):
     base = dict(name="base (Qwen2-7B)", bleu={"st": {"zh": {"score": 45.31}}, "mt": {"zh": {"score": 51.2}}})
     ista = dict(name="w/ AI-STA", bleu={"st": {"zh": {"score": 46.04}, "ja": {"score": 31.4}}},
                 alignment=dict(layers=[0, 1], log_w={"0": 1.23456, "1": 2.5}, mean=1.86728, mismatched_mean=3.0))
-    table = E.summary_table([base, ista]).splitlines()
+    table = results.summary_table([base, ista]).splitlines()
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in table]
     assert cells[0] == ["Model", "ST zh", "MT zh", "ST ja", "log W L0", "log W L1", "log W mean", "mismatched"]
     assert cells[2] == ["base (Qwen2-7B)", "45.3", "51.2", "-", "-", "-", "-", "-"]
@@ -619,7 +622,7 @@ def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
     many = [_run("many", k, 30, 50, f"m{k}", f"b{k}", p) for k, p in enumerate([0.01, 0.2, 0.03, 0.04, 0.5])]
     other = [_run("vs another baseline", 0, 30, 50, "o0", "not-a-base-run", 0.01)]
     same = [_run("same as base", 0, 30, 50, "b0", "b0", 1 / 1001), _run("same as base", 1, 31, 50, "s1", "b1", 0.5)]
-    cells = _cells(E.summary_table(base + sta + swapped + partial + many + other + same))
+    cells = _cells(results.summary_table(base + sta + swapped + partial + many + other + same))
     assert cells[0] == ["Model", "seeds", "ST zh", "ST zh chrF", "ST zh p", "log W L0", "log W mean", "mismatched"]
     rows = {r[0]: r[1:] for r in cells[2:]}
     # by hand: mean 32, sample sd sqrt(10 / 4) = 1.58; chrF 50..54 -> 52 ± 1.58; log W 5.0..5.4 -> 5.2 ± 0.158
@@ -634,7 +637,7 @@ def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
     assert rows["many"][4:] == ["-", "-", "-"]
     # hypotheses identical to the baseline's: no difference, whatever SacreBLEU's p (its floor, 1/1001) says
     assert rows["same as base"][3] == "same, 0.500"
-    assert E.p_cell([None, 0.01, 0.02, 0.5], 4) == "median 0.260, 2/4 < 0.05"  # "same" counts as p = 1
+    assert results.p_cell([None, 0.01, 0.02, 0.5], 4) == "median 0.260, 2/4 < 0.05"  # "same" counts as p = 1
     # the same from files, through the command line
     paths = []
     for i, m in enumerate(base + sta):
@@ -642,9 +645,9 @@ def test_table_over_seeds_mean_sd_and_same_seed_pvalues(tmp_path, capsys):
         with open(paths[-1], "w") as f:
             json.dump(m, f)
     E.main(["--table", *paths])
-    assert capsys.readouterr().out.strip() == E.summary_table(base + sta)
+    assert capsys.readouterr().out.strip() == results.summary_table(base + sta)
     # the first system is the baseline of the p-values: the other order shows none
-    assert "ST zh p" not in E.summary_table(sta + base).splitlines()[0]
+    assert "ST zh p" not in results.summary_table(sta + base).splitlines()[0]
 
 
 def test_malformed_metrics_files_are_named_without_a_traceback(tmp_path):
@@ -660,11 +663,11 @@ def test_malformed_metrics_files_are_named_without_a_traceback(tmp_path):
                            r"""bad.json: "alignment" -> "log_w" -> '0' must be a number"""),
                           (json.dumps({"name": 3}), r'bad.json: "name" must be a string')]:
         bad.write_text(body)
-        with pytest.raises(E.EvalError, match=message):
+        with pytest.raises(data.UserError, match=message):
             E.main(["--table", str(good), str(bad)])
     # a bare NaN (files of older versions) reads as a missing value
     bad.write_text('{"name": "nan run", "bleu": {"st": {"zh": {"score": NaN}}}}')
-    assert _cells(E.summary_table([E.read_metrics(str(bad))]))[2] == ["nan run", "-"]
+    assert _cells(results.summary_table([results.read_metrics(str(bad))]))[2] == ["nan run", "-"]
     # the command line: one line naming the file, no traceback; a missing file likewise
     bad.write_text('{"bleu": {"st": {"zh": {"score": "high"}}}}')
     for missing in (str(bad), str(tmp_path / "missing.json")):
@@ -681,16 +684,16 @@ def test_figure6_one_point_per_system_mean_over_seeds(tmp_path):
         [_run("AI-STA", k, 36 + 2 * k, align=3.0) for k in range(2)] + [_run("CTC", 0, 28, align=6.5)]
     paths = [f"m{i}.json" for i in range(len(runs))]
     png = tmp_path / "fig6.png"
-    points = E.figure6(runs, paths, str(png))
+    points = results.figure6(runs, paths, str(png))
     assert points == [("base", 6.0, 31.0, 3), ("AI-STA", 3.0, 37.0, 2), ("CTC", 6.5, 28.0, 1)]
     img = matplotlib.image.imread(str(png))
-    assert img.shape[:2] == (round(E.FIG6_INCHES[1] * E.FIG_DPI), round(E.FIG6_INCHES[0] * E.FIG_DPI))
+    assert img.shape[:2] == (round(results.FIG6_INCHES[1] * results.FIG_DPI), round(results.FIG6_INCHES[0] * results.FIG_DPI))
     assert img[..., :3].std() > 0.01
     # one degree across runs: the same layers everywhere, and every run measured
-    with pytest.raises(E.EvalError, match=r"m1.json: alignment measured at layers \[0, 1\], m0.json at \[0\]"):
-        E.figure6([runs[0], _run("x", 0, 30, align=4, layers=(0, 1))], paths, str(png))
-    with pytest.raises(E.EvalError, match=r"m1.json: no alignment degree"):
-        E.figure6([runs[0], _run("x", 0, 30)], paths, str(png))
+    with pytest.raises(data.UserError, match=r"m1.json: alignment measured at layers \[0, 1\], m0.json at \[0\]"):
+        results.figure6([runs[0], _run("x", 0, 30, align=4, layers=(0, 1))], paths, str(png))
+    with pytest.raises(data.UserError, match=r"m1.json: no alignment degree"):
+        results.figure6([runs[0], _run("x", 0, 30)], paths, str(png))
 
 
 def test_mrr_table_is_figure_4(tmp_path, capsys):
@@ -701,8 +704,21 @@ def test_mrr_table_is_figure_4(tmp_path, capsys):
     assert "| 0 | 0.5000 | yes |" in out and "| 2 | 0.0100 |  |" in out
     assert "chance level MRR = H_n / n = 0.5208" in out  # (1 + 1/2 + 1/3 + 1/4) / 4
     f.write_text(json.dumps(dict(selected=[0])))
-    with pytest.raises(E.EvalError, match="layers.json: not select_layers.py's layers.json"):
+    with pytest.raises(data.UserError, match="layers.json: not select_layers.py's layers.json"):
         E.main(["--mrr", str(f)])
+
+
+def test_command_line_and_tables_need_no_model_stack(tmp_path):
+    """evaluate.py's flags (model and OT flags from config.py), --mrr and --table load neither model.py nor
+    transformers or peft: those start in seconds."""
+    f = tmp_path / "layers.json"
+    f.write_text(json.dumps(dict(mrr={"0": 0.5}, selected=[0], threshold=0.05, num_pairs=4)))
+    code = ("import sys, evaluate; evaluate.build_parser(); evaluate.main(['--mrr', sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('model', 'transformers', 'peft')))")
+    proc = subprocess.run([sys.executable, "-c", code, str(f)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_help_shows_the_defaults():
@@ -806,10 +822,10 @@ def test_metrics_json_is_strict_json_with_a_nan(trained, manifest, tmp_path, mon
 def test_table_of_a_malformed_file_is_named(tmp_path):
     bad = tmp_path / "metrics.json"
     bad.write_text('{"bleu": {"st": ', encoding="utf-8")
-    with pytest.raises(E.EvalError, match=r"metrics\.json: not a metrics file: invalid JSON at line 1"):
+    with pytest.raises(data.UserError, match=r"metrics\.json: not a metrics file: invalid JSON at line 1"):
         E.main(["--table", str(bad)])
     bad.write_text('[1, 2]', encoding="utf-8")
-    with pytest.raises(E.EvalError, match="metrics.json: not a metrics file: a JSON list, not an object"):
+    with pytest.raises(data.UserError, match="metrics.json: not a metrics file: a JSON list, not an object"):
         E.main(["--table", str(bad)])
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--table", str(bad)], cwd=ROOT,
                           capture_output=True, text=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import joint_train
 import model as M
 from conftest import make_batch, save_fresh_lsm
@@ -136,7 +137,7 @@ def test_n_pair_loss_by_hand():
         expected += -(sims[i] - math.log(sum(math.exp(x) for x in sims))) / 3
     assert joint_train.n_pair_loss(s, t, tau).item() == pytest.approx(expected, rel=1e-5)
     x = torch.arange(12.0).view(2, 3, 2)
-    mean = joint_train.masked_mean(x, torch.tensor([[True, True, False], [True, False, False]]))
+    mean = M.masked_mean(x, torch.tensor([[True, True, False], [True, False, False]]))
     assert mean.tolist() == [[1.0, 2.0], [6.0, 7.0]]
 
 
@@ -197,12 +198,12 @@ def test_model_flags_on_the_command_line_override_the_checkpoint():
     p = joint_train.parser()
     args = p.parse_args(base + ["--llm-dtype", "bfloat16", "--lora-dropout", "0.0"])
     # bfloat16 is the flag's default: given explicitly it must still override the checkpoint's float32
-    assert joint_train.train.model_overrides(joint_train.parser, base + ["--llm-dtype", "bfloat16", "--lora-dropout",
+    assert config.model_overrides(joint_train.parser, base + ["--llm-dtype", "bfloat16", "--lora-dropout",
                                                                          "0.0"], args) == dict(llm_dtype="bfloat16",
                                                                                                lora_dropout=0.0)
-    assert joint_train.train.model_overrides(joint_train.parser, base, p.parse_args(base)) == {}
+    assert config.model_overrides(joint_train.parser, base, p.parse_args(base)) == {}
     args = p.parse_args(base + ["--no-beats"])
-    assert joint_train.train.model_overrides(joint_train.parser, base + ["--no-beats"], args) == dict(beats=None)
+    assert config.model_overrides(joint_train.parser, base + ["--no-beats"], args) == dict(beats=None)
 
 
 def test_torchrun_two_processes_with_accumulation_and_validation(setup, tmp_path):

@@ -171,7 +171,7 @@ def test_scripts_record_the_prompts(tiny_ckpts, manifests, tmp_path):
     import evaluate
     args = evaluate.build_parser().parse_args(["--ckpt", "x", "--manifest", "m", "--instructions", str(path)])
     bad = write_json(tmp_path / "bad.json", {"asr": [f"x {SP} y"]})
-    with pytest.raises(evaluate.EvalError, match="--instructions .*bad.json"):
+    with pytest.raises(data.UserError, match="--instructions .*bad.json"):
         evaluate.main(["--ckpt", str(out / "last.safetensors"), "--manifest", manifests["asr"], "--instructions",
                        str(bad)])
     assert args.instructions == str(path)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import config
 import model as M
 from conftest import TINY_QFORMER, make_batch
 
@@ -244,7 +245,7 @@ def test_text_forward_stops_early_and_equals_full_forward(tiny_ckpts, batch5, fa
             hidden, mask = lsm.text_forward(texts, instr, layers)
             assert calls == list(range(1, max(layers) + 1)) + (["norm"] if max(layers) == L else [])
             for l in layers:
-                torch.testing.assert_close(hidden[l], M.LSM._gather(full[l], inp["pos"], inp["pos_mask"]),
+                torch.testing.assert_close(hidden[l], M.at_positions(full[l], inp["pos"], inp["pos_mask"]),
                                            rtol=0, atol=0)
     finally:
         for h in hooks:
@@ -289,7 +290,7 @@ def test_text_forward_first_does_not_cut_later_hidden_states(tiny_ckpts, batch5)
         inp = b.splice(b._embed_texts(batch5["transcripts"]), batch5["instructions"])
         full = b._run_decoder(inp, hidden_states=True).hidden_states
     assert len(full) == L + 1
-    torch.testing.assert_close(text[1], M.LSM._gather(full[1], inp["pos"], inp["pos_mask"]), rtol=0, atol=0)
+    torch.testing.assert_close(text[1], M.at_positions(full[1], inp["pos"], inp["pos_mask"]), rtol=0, atol=0)
 
 
 def test_batch_invariance_of_speech_side(tiny_ckpts):
@@ -434,6 +435,52 @@ def test_save_load_reproduces_logits(tiny_ckpts, batch5, tmp_path):
         wrong.load_trainable(path)
 
 
+def test_trainable_state_is_copied_whole_or_not_at_all():
+    """load_trainable_state (LSM.load_trainable, train.py's --resume) names the file and every mismatch, and copies
+    nothing unless every trainable parameter has its tensor of the same shape."""
+    import data
+    net = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    net[1].requires_grad_(False)  # frozen: neither saved nor expected
+    good = {"0.weight": torch.ones(3, 2), "0.bias": torch.full((3,), 2.0)}
+    before = net[0].weight.detach().clone()
+    for state, message in ((dict(good, extra=torch.ones(1)), r"ck\.pt: .*missing \[\], unexpected \['extra'\] "
+                                                             r"\(hint\)"),
+                           ({"0.weight": good["0.weight"]}, r"missing \['0.bias'\]"),
+                           (dict(good, **{"0.bias": torch.ones(4)}), r"0.bias has shape \(4,\), model has \(3,\)")):
+        with pytest.raises(data.UserError, match=message):
+            M.load_trainable_state(net, state, "ck.pt", "hint")
+        assert torch.equal(net[0].weight, before)
+    M.load_trainable_state(net, good, "ck.pt", "hint")
+    assert torch.equal(net[0].weight, good["0.weight"]) and torch.equal(net[0].bias, good["0.bias"])
+
+
+def test_config_fields_are_the_flags_and_the_saved_build_arguments(tiny_ckpts, tmp_path):
+    """One list of hyperparameters: config.ModelConfig's fields are the model flags (with their defaults) and the
+    keys of the .json beside the weights; a .json with a key that is not one of them is refused, naming the file."""
+    import dataclasses
+    import json
+
+    import data
+    names = [f.name for f in dataclasses.fields(config.ModelConfig)]
+    args = config.add_model_args(argparse.ArgumentParser()).parse_args([])
+    assert set(vars(args)) == set(names) | {"no_beats"}
+    assert config.ModelConfig.from_args(args) == config.ModelConfig()
+    assert config.ModelConfig.from_args(argparse.Namespace(**{**vars(args), "no_beats": True})).beats is None
+    lsm = shared(tiny_ckpts)
+    assert list(lsm.build_args) == names and lsm.build_args["lora_targets"] == ["q_proj", "v_proj"]
+    path = str(tmp_path / "w.safetensors")
+    lsm.save_trainable(path)
+    with open(path + ".json") as f:
+        saved = json.load(f)
+    assert saved == lsm.build_args
+    with open(path + ".json", "w") as f:
+        json.dump(dict(saved, lora_rank=8), f)
+    with pytest.raises(data.UserError, match=r"w.safetensors.json: \['lora_rank'\] are not build arguments"):
+        M.LSM.from_trainable(path, verbose=False)
+    with pytest.raises(ValueError, match="--speech-tokens must be one of"):
+        config.ModelConfig(speech_tokens="some")
+
+
 def test_bf16_forward_close_to_float32(tiny_ckpts, batch5, tmp_path):
     f32 = build(tiny_ckpts)
     perturb_trainable(f32)
@@ -510,7 +557,7 @@ def test_generate_stops_at_eos_mid_sequence(tiny_ckpts, batch5, family, beams):
 
 
 def test_flags_and_from_args(tiny_ckpts):
-    parser = M.add_model_args(argparse.ArgumentParser())
+    parser = config.add_model_args(argparse.ArgumentParser())
     d = parser.parse_args([])
     assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets) == (8, 32, 0.1, ["q_proj", "v_proj"])
     assert (d.template, d.speech_tokens, d.llm_dtype, d.second_per_window) == ("auto", "all", "bfloat16", 0.333333)

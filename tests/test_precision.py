@@ -291,7 +291,7 @@ def test_whisper_encoder_loaded_alone(tiny_ckpts, tmp_path, monkeypatch):
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), folder
         assert not lsm.whisper.training and not any(q.requires_grad for q in lsm.whisper.parameters())
     with pytest.raises(ValueError, match=r"--whisper .*: not a Whisper checkpoint \(its config is a 'qwen2' one\)"):
-        M._WhisperEncoderOnly.load(p["llm"], torch.device("cpu"))
+        M.WhisperEncoderOnly.load(p["llm"], torch.device("cpu"))
     from safetensors.torch import load_file, save_file
     decoder_only = tmp_path / "decoder_only"
     decoder_only.mkdir()
@@ -300,7 +300,7 @@ def test_whisper_encoder_loaded_alone(tiny_ckpts, tmp_path, monkeypatch):
     save_file({k: v for k, v in state.items() if not k.startswith("encoder.")}, decoder_only / "model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"not a Whisper checkpoint with an encoder: \d+ encoder weights missing"):
-        M._WhisperEncoderOnly.load(str(decoder_only), torch.device("cpu"))
+        M.WhisperEncoderOnly.load(str(decoder_only), torch.device("cpu"))
 
 
 def test_frozen_backbones_load_onto_the_device(tiny_ckpts, monkeypatch):
@@ -308,7 +308,7 @@ def test_frozen_backbones_load_onto_the_device(tiny_ckpts, monkeypatch):
     host memory first; the rank's device is cuda:LOCAL_RANK with CUDA, else the CPU."""
     from transformers import AutoModelForCausalLM
     calls = []
-    for cls in (AutoModelForCausalLM, M._WhisperEncoderOnly):
+    for cls in (AutoModelForCausalLM, M.WhisperEncoderOnly):
         real = cls.from_pretrained.__func__
         monkeypatch.setattr(cls, "from_pretrained", classmethod(
             lambda c, *a, _real=real, **kw: calls.append((c.__name__, kw.get("device_map"))) or _real(c, *a, **kw)))

@@ -1,4 +1,4 @@
-"""Tests for the real-width configs and writers of tiny.py, and for report.py's arithmetic and JSON line."""
+"""Tests for the real-width configs and writers of tiny.py, and for gpu_plan.py's arithmetic and JSON line."""
 import copy
 import json
 import math
@@ -118,14 +118,14 @@ def test_real_checkpoints_are_seeded(tmp_path, small_real_configs):
     assert not torch.equal(sa["model.embed_tokens.weight"], sc["model.embed_tokens.weight"])
 
 
-# ----------------------------------------------------------------------------- report.py on the tiny models
+# ----------------------------------------------------------------------------- gpu_plan.py on the tiny models
 
 
-def report_args(ckpts, *extra):
-    import report
+def plan_args(ckpts, *extra):
+    import gpu_plan
     from conftest import TINY_QFORMER
     q = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_QFORMER.items()]
-    return report.parser().parse_args(["--whisper", ckpts["whisper"], "--beats", ckpts["beats"], "--llm", ckpts["llm"],
+    return gpu_plan.parser().parse_args(["--whisper", ckpts["whisper"], "--beats", ckpts["beats"], "--llm", ckpts["llm"],
                                        *q, *extra])
 
 
@@ -144,11 +144,11 @@ def test_qformer_hand_count_matches_salmonn():
 
 @pytest.mark.parametrize("llm_dtype, llm_bytes", [("bfloat16", 2), ("float32", 4)])
 def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
-    import report
+    import gpu_plan
     from transformers import AutoConfig, AutoTokenizer
     ck = tiny_ckpts["qwen2"]
-    args = report_args(ck, "--llm-dtype", llm_dtype)
-    parts = report.count(report.build(args, "meta"))
+    args = plan_args(ck, "--llm-dtype", llm_dtype)
+    parts = gpu_plan.count(gpu_plan.build(args, "meta"))
     V, d, f, L, kv = len(AutoTokenizer.from_pretrained(ck["llm"])), 64, 128, 3, 32  # tiny.TINY_LLM
     lin = lambda i, o, bias=True: i * o + (o if bias else 0)
     layer = lin(d, d) + 2 * lin(d, kv) + lin(d, d, False) + 3 * lin(d, f, False) + 2 * d  # Qwen2: q, k, v biases
@@ -164,21 +164,21 @@ def test_counts_and_bytes_against_hand_counts(tiny_ckpts, llm_dtype, llm_bytes):
         assert r["frozen_bytes"] == (r["params"] - r["trainable"]) * per
         assert r["trainable_bytes"] == r["grad_bytes"] == 4 * r["trainable"]
         assert r["adam_bytes"] == 2 * 4 * r["trainable"]  # exp_avg + exp_avg_sq, fp32
-    tot = report.totals(parts)
+    tot = gpu_plan.totals(parts)
     assert tot["trainable"] == sum(r["trainable"] for r in parts.values())
     assert tot["static_bytes"] == tot["frozen_bytes"] + 4 * tot["trainable"] * (1 + 1 + 2)
     assert tot["sync_bytes"] == 0  # one process: no all-reduce
-    eight = report.totals(parts, processes=8)  # tiny model: the whole gradient fits one 2^25-value bucket
+    eight = gpu_plan.totals(parts, processes=8)  # tiny model: the whole gradient fits one 2^25-value bucket
     assert eight["sync_bytes"] == tot["grad_bytes"] and eight["static_bytes"] == tot["static_bytes"] + tot["grad_bytes"]
     big = dict(parts, llm=dict(parts["llm"], grad_bytes=10 * 4 * runtime.GRAD_BUCKET))  # a CTC-sized gradient
-    assert report.totals(big, processes=8)["sync_bytes"] == 4 * (1 << 25)  # capped at one bucket: 128 MiB
+    assert gpu_plan.totals(big, processes=8)["sync_bytes"] == 4 * (1 << 25)  # capped at one bucket: 128 MiB
 
 
 def test_ctc_head_and_llama_parts(tiny_ckpts):
-    import report
+    import gpu_plan
     from transformers import AutoTokenizer
     ck = tiny_ckpts["llama"]
-    parts = report.count(report.build(report_args(ck, "--align", "ctc", "--no-beats"), "meta"))
+    parts = gpu_plan.count(gpu_plan.build(plan_args(ck, "--align", "ctc", "--no-beats"), "meta"))
     V = len(AutoTokenizer.from_pretrained(ck["llm"]))
     assert parts["ctc_head"]["params"] == parts["ctc_head"]["trainable"] == 64 * (V + 1) + (V + 1)  # + blank
     assert "beats" not in parts and parts["qformer"]["params"] == qformer_params(32, 64, 64, 2)
@@ -187,19 +187,19 @@ def test_ctc_head_and_llama_parts(tiny_ckpts):
 
 def test_real_lsm_trainable_totals(tmp_path):
     """The paper's trainable counts (28.1M / 33.3M), counted by the model's own construction on the meta device."""
-    import report
+    import gpu_plan
     for name, total in (("qwen2-7b", 28_121_344), ("vicuna-13b", 33_332_992)):
-        args = report.parser().parse_args(["--real", name])
-        args.__dict__.update(report.real_config_folder(name, tmp_path / name))
-        parts = report.count(report.build(args, "meta"))
+        args = gpu_plan.parser().parse_args(["--real", name])
+        args.__dict__.update(gpu_plan.real_config_folder(name, tmp_path / name))
+        parts = gpu_plan.count(gpu_plan.build(args, "meta"))
         assert sum(r["trainable"] for r in parts.values()) == total
         assert parts["llm"]["params"] == {"qwen2-7b": 7_615_616_512, "vicuna-13b": 13_015_864_320}[name]
         assert parts["whisper"]["params"] == 636_784_640
 
 
 def test_live_tensors_peak_is_exact():
-    import report
-    with report.LiveTensors() as live:
+    import gpu_plan
+    with gpu_plan.LiveTensors() as live:
         a = torch.ones(1000)  # 4000 bytes
         b = torch.ones(500, dtype=torch.float64)  # 4000
         del a
@@ -207,7 +207,7 @@ def test_live_tensors_peak_is_exact():
         v = b[10:20]  # a view: no new storage
     assert live.peak == 8000 and live.now == 4500
     w = torch.ones(300, 200)  # made before: its views and in-place updates are no new memory
-    with report.LiveTensors() as live:
+    with gpu_plan.LiveTensors() as live:
         w.t().mul_(2)
         w.view(-1)[:10].add_(1)
         x = w.t() @ torch.ones(300, 5)  # 200 x 5 result (+ the 300 x 5 operand)
@@ -216,39 +216,39 @@ def test_live_tensors_peak_is_exact():
 
 
 def test_activation_fit_recovers_and_predicts():
-    import report
+    import gpu_plan
     w, u, v = 3e8, 2e8, 5e7
     pts = [dict(batch=B, llm_layers=L, activation_bytes=w + B * (u + v * L)) for B, L in ((1, 1), (1, 2), (2, 1), (1, 4))]
-    fit = report.fit_activations(pts)
+    fit = gpu_plan.fit_activations(pts)
     assert fit["w"] == pytest.approx(w, rel=1e-9) and fit["v"] == pytest.approx(v, rel=1e-9)
     assert fit["held_out"]["llm_layers"] == 4 and abs(fit["held_out"]["rel_error"]) < 1e-9
-    assert report.fit_linear([1, 2, 4], [5.0, 7.0, 11.0]) == pytest.approx((3.0, 2.0))
-    assert report.fits(30 * report.GiB) == [40, 80, 141] and report.fits(200 * report.GiB) == []
+    assert gpu_plan.fit_linear([1, 2, 4], [5.0, 7.0, 11.0]) == pytest.approx((3.0, 2.0))
+    assert gpu_plan.cards_that_fit(30 * gpu_plan.GiB) == [40, 80, 141] and gpu_plan.cards_that_fit(200 * gpu_plan.GiB) == []
 
 
 def test_kv_cache_by_hand():
-    import report
+    import gpu_plan
     cfg = tiny.real_llm_config("qwen2-7b")  # 28 layers, 4 kv heads of 128
-    assert report.kv_cache_bytes(cfg, 2, batch=8, beams=4, tokens=300) == 2 * 28 * 4 * 128 * 2 * 32 * 300
+    assert gpu_plan.kv_cache_bytes(cfg, 2, batch=8, beams=4, tokens=300) == 2 * 28 * 4 * 128 * 2 * 32 * 300
     cfg = tiny.real_llm_config("vicuna-13b")  # no GQA: 40 kv heads
-    assert report.kv_cache_bytes(cfg, 2, 1, 1, 1) == 2 * 40 * 40 * 128 * 2
+    assert gpu_plan.kv_cache_bytes(cfg, 2, 1, 1, 1) == 2 * 40 * 40 * 128 * 2
 
 
 def test_json_line_schema(tiny_ckpts, capsys):
     """Counts only, then a measured run on the tiny model: the last stdout line is the JSON with every number."""
-    import report
+    import gpu_plan
     ck = tiny_ckpts["qwen2"]
     base = ["--whisper", ck["whisper"], "--beats", ck["beats"], "--llm", ck["llm"], "--qformer-hidden", "32",
             "--qformer-heads", "2", "--qformer-ffn", "64"]
-    report.main(base + ["--no-measure"])
+    gpu_plan.main(base + ["--no-measure"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert tuple(out) == report.JSON_KEYS and out["measured"] == [] and out["fit"] is None
+    assert tuple(out) == gpu_plan.JSON_KEYS and out["measured"] == [] and out["fit"] is None
     assert out["totals"]["trainable"] == sum(r["trainable"] for r in out["parts"].values())
-    report.main(base + ["--align", "ot", "--layers", "0", "1", "--measure-layers", "1", "2", "3", "--audio-seconds", "2",
+    gpu_plan.main(base + ["--align", "ot", "--layers", "0", "1", "--measure-layers", "1", "2", "3", "--audio-seconds", "2",
                         "--target-tokens", "5", "--max-new-tokens", "4", "--num-beams", "2", "--decode-batch-size", "2",
                         "--per-device-batch-size", "1", "--dtype", "float32"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert tuple(out) == report.JSON_KEYS
+    assert tuple(out) == gpu_plan.JSON_KEYS
     assert [(m["batch"], m["llm_layers"]) for m in out["measured"]] == [(1, 1), (1, 2), (1, 3), (2, 1)]
     for m in out["measured"]:
         assert m["peak_bytes"] > 0 and m["flops"] > 0 and m["step_s"] > 0 and math.isfinite(m["loss"])
@@ -272,9 +272,9 @@ def test_json_line_schema(tiny_ckpts, capsys):
 
 
 def test_bad_flags_are_one_line_errors(capsys):
-    import report
+    import gpu_plan
     for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--measure-layers", "-1"], "--measure-layers"),
                       (["--real", "qwen2-7b", "--llm", "x"], "--real replaces")):
         with pytest.raises(SystemExit):
-            report.main(argv)
+            gpu_plan.main(argv)
         assert msg in capsys.readouterr().err

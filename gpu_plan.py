@@ -1,18 +1,19 @@
 """Plan GPU-days before spending them: parameters, memory and time of a training step and of decoding.
 
-    python report.py --real qwen2-7b --per-device-batch-size 4 --align ot --layers 0 1
-    python report.py --real vicuna-13b --align ctc --gradient-checkpointing --no-measure
-    python report.py --whisper openai/whisper-large-v2 --beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt \\
+    python gpu_plan.py --real qwen2-7b --per-device-batch-size 4 --align ot --layers 0 1
+    python gpu_plan.py --real vicuna-13b --align ctc --gradient-checkpointing --no-measure
+    python gpu_plan.py --whisper openai/whisper-large-v2 --beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt \\
         --llm Qwen/Qwen2-7B --per-device-batch-size 8 --measure-layers 0     # on a GPU: measure at full depth
 
-It takes the model and batch flags of the stage scripts (model.add_model_args, train.add_train_args) and reads
+It takes the model and batch flags of the stage scripts (config.add_model_args, train.add_train_args) and reads
 top to bottom:
 
 1. Count. The LSM and the stage's objective are built by the stage scripts' own code (model.LSM,
    train.Objective for stage 1 / --align none, joint_train.AlignedObjective for stage 3), but every backbone from its
-   config on the meta device: no weight is read or allocated, so full depth costs nothing. --real NAME takes
-   the configs of tiny.REAL_CONFIGS (Whisper-large-v2, BEATs cpt2, Qwen2-7B | Vicuna-13B v1.1); otherwise
-   --whisper / --beats / --llm are read as usual but only their config.json, tokenizer and BEATs cfg are used.
+   config on the meta device (RandomBackbones): no weight is read or allocated, so full depth costs nothing.
+   --real NAME takes the configs of tiny.REAL_CONFIGS (Whisper-large-v2, BEATs cpt2, Qwen2-7B | Vicuna-13B v1.1);
+   otherwise --whisper / --beats / --llm are read as usual but only their config.json, tokenizer and BEATs cfg are
+   used.
 
 2. Bytes, per part (whisper, beats, ln, qformer, proj, lora, llm, ctc_head), in each parameter's dtype:
      frozen weights, trainable weights, gradients (= trainable parameters, same dtype),
@@ -33,7 +34,8 @@ top to bottom:
    So  A(B, L) = w + B (u + v L), fitted by least squares to steps measured at the real widths with
    --measure-layers decoder layers (B = 1 and B = 2; the encoders at one layer), leaving out the deepest
    B = 1 point, which the fit must predict (printed with its error). Decoding: the encoders' peak, and the
-   generation's peak G(L) = w' + v' L likewise; the KV cache is also computed exactly: 2 (K, V) x L x kv_heads x head_dim x bytes x B x beams x (S + new).
+   generation's peak G(L) = w' + v' L likewise; the KV cache is also computed exactly:
+   2 (K, V) x L x kv_heads x head_dim x bytes x B x beams x (S + new).
 
 4. Measure, unless --no-measure: a few optimiser steps on the current device (train.train_step, the training
    loop's own step) and one decode (beam --num-beams, exactly --max-new-tokens new tokens, KV cache on), with
@@ -49,20 +51,20 @@ The last line of stdout is one JSON object with every number (keys: JSON_KEYS).
 """
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
 import tempfile
 import time
 import weakref
-from unittest import mock
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import beats as beats_lib
+import config
 import joint_train
-import model as M
+import model
 import tiny
 import runtime
 import train
@@ -76,7 +78,7 @@ PARTS = ("whisper", "beats", "ln", "qformer", "proj", "lora", "llm", "ctc_head")
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runtime.HelpFormatter)
-    g = p.add_argument_group("report")
+    g = p.add_argument_group("plan")
     g.add_argument("--real", choices=tiny.REAL_LLMS, default=None,
                    help="the paper's backbones at the real widths (tiny.REAL_CONFIGS) instead of --whisper/--beats/--llm")
     g.add_argument("--align", default="none", choices=["none", "ot", "ctc", "cl"],
@@ -95,61 +97,56 @@ def parser():
     g.add_argument("--num-beams", type=int, default=4, help="decoding: beam size (evaluate.py default)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="decoding: new tokens (all of them are generated)")
     g.add_argument("--decode-batch-size", type=int, default=8, help="decoding: utterances per batch and GPU")
-    M.add_model_args(p)
+    config.add_model_args(p)
     train.add_train_args(p, warmup_steps=3000, max_steps=80000)
-    for action in p._actions:  # a report writes nothing
+    for action in p._actions:  # a plan writes nothing
         if action.dest == "output_dir":
-            action.required, action.default, action.help = False, None, "unused by report.py"
+            action.required, action.default, action.help = False, None, "unused by gpu_plan.py"
     return p
 
 
 # ----------------------------------------------------------------------------- 1. count
 
 
-def _with_depth(config, layers):
-    """config with the depth of its model set to layers[component] (None: unchanged)."""
-    keys = ("whisper", ("encoder_layers", "decoder_layers")) if config.model_type == "whisper" else \
-        ("llm", ("num_hidden_layers",))
-    n = (layers or {}).get(keys[0])
+def with_depth(hf_config, n, keys):
+    """A transformers config with its depth (the entries `keys`) set to n (None: unchanged)."""
     if n is None:
-        return config
-    d = config.to_dict()
-    d.update({k: n for k in keys[1]})
+        return hf_config
+    d = hf_config.to_dict()
+    d.update({k: n for k in keys})
     if d.get("layer_types"):
         d["layer_types"] = d["layer_types"][:n]
-    return type(config).from_dict(d)
+    return type(hf_config).from_dict(d)
 
 
-@contextlib.contextmanager
-def backbones_from_configs(device, layers=None):
-    """Inside, every `from_pretrained` of a transformers model and `beats.load_beats` build the model from its
-    config alone, with the model's own random initialisation, directly on `device` ("meta": nothing allocated),
-    with the depth of component c set to layers[c] (c in whisper, beats, llm). LSM's construction is unchanged."""
-    import transformers
+class RandomBackbones:
+    """model.LSM's frozen backbones built from their configs alone (config.json, the BEATs checkpoint's cfg), with
+    each model's own random initialisation, directly on the device LSM gives ("meta": nothing allocated), with the
+    depth of component c set to layers[c] (c in whisper, beats, llm). No weight file is read."""
 
-    def from_pretrained(cls, path, *args, **kwargs):
-        config = kwargs.get("config")
-        if not isinstance(config, transformers.PretrainedConfig):
-            config = transformers.AutoConfig.from_pretrained(path)
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    def __init__(self, layers=None):
+        self.layers = layers or {}
+
+    def whisper(self, cfg, device):
+        whisper = with_depth(AutoConfig.from_pretrained(cfg.whisper), self.layers.get("whisper"),
+                             ("encoder_layers", "decoder_layers"))
         with torch.device(device):
-            model = cls._from_config(_with_depth(config, layers), **({"dtype": dtype} if dtype else {}))
-        if kwargs.get("output_loading_info"):  # model._WhisperEncoderOnly checks that no weight was missing
-            return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
-        return model
+            return model.WhisperEncoderOnly._from_config(whisper, dtype=torch.float32)
 
-    def load_beats(path, *args, **kwargs):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"BEATs checkpoint not found: {path}")
-        cfg = dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["cfg"])  # mmap: cfg only
-        if (layers or {}).get("beats") is not None:
-            cfg["encoder_layers"] = layers["beats"]
+    def beats(self, cfg, device):
+        if not os.path.isfile(cfg.beats):
+            raise FileNotFoundError(f"BEATs checkpoint not found: {cfg.beats}")
+        saved = torch.load(cfg.beats, map_location="cpu", weights_only=True, mmap=True)  # mmap: the cfg only is read
+        beats_cfg = dict(saved["cfg"])
+        if self.layers.get("beats") is not None:
+            beats_cfg["encoder_layers"] = self.layers["beats"]
         with torch.device(device):
-            return beats_lib.BEATs(cfg).requires_grad_(False).eval()
+            return beats_lib.BEATs(beats_cfg).requires_grad_(False).eval()
 
-    with mock.patch.object(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained)), \
-            mock.patch.object(beats_lib, "load_beats", load_beats):
-        yield
+    def llm(self, cfg, device):
+        llm = with_depth(AutoConfig.from_pretrained(cfg.llm), self.layers.get("llm"), ("num_hidden_layers",))
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(llm, dtype=config.DTYPES[cfg.llm_dtype])
 
 
 def real_config_folder(name, folder):
@@ -169,10 +166,9 @@ def real_config_folder(name, folder):
 
 def build(args, device, layers=None):
     """The stage's objective (train.Objective or joint_train.AlignedObjective around model.LSM) on `device`."""
-    with backbones_from_configs(device, layers), torch.device(device):
+    with torch.device(device):
         torch.manual_seed(args.seed)
-        with contextlib.redirect_stdout(io.StringIO()):  # LSM's summary line, once per build
-            lsm = M.LSM.from_args(args, device=device)
+        lsm = model.LSM.from_args(args, device=device, backbones=RandomBackbones(layers), verbose=False)
         if args.align == "none":
             return train.Objective(lsm)
         layers_ot = [l for l in args.layers if l <= lsm.n_layers]  # a shallow measured model has fewer layers
@@ -252,7 +248,7 @@ class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
         self.now -= self.live.pop(key)
 
 
-def _rss():
+def rss():
     """(current, peak) resident set size of this process in bytes (Linux /proc; (0, 0) elsewhere)."""
     try:
         with open("/proc/self/status") as f:
@@ -262,7 +258,7 @@ def _rss():
         return 0, 0
 
 
-def _reset_rss_peak():
+def reset_rss_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -284,16 +280,16 @@ def peak_memory(device):
         out.update(peak_bytes=peak, peak_backward_bytes=peak, peak_forward_bytes=0,
                    method="torch.cuda.max_memory_allocated (not split by phase)")
         return
-    _reset_rss_peak()
-    rss0 = _rss()[0]
+    reset_rss_peak()
+    rss0 = rss()[0]
     with LiveTensors() as live:
         yield out
     out.update(peak_bytes=live.peak, peak_backward_bytes=live.peak_backward, peak_forward_bytes=live.peak_forward,
-               rss_growth_bytes=max(0, _rss()[1] - rss0),
+               rss_growth_bytes=max(0, rss()[1] - rss0),
                method="peak bytes of live tensors (TorchDispatchMode), forward and backward; RSS growth as a check")
 
 
-def _text(tokenizer, n):
+def text_of_tokens(tokenizer, n):
     """A text of about n tokens of this tokenizer."""
     ids = tokenizer(" ".join(["the quick brown fox jumps over the lazy dog"] * n), add_special_tokens=False).input_ids
     return tokenizer.decode(ids[:n])
@@ -305,7 +301,7 @@ def make_batch(lsm, batch_size, seconds, target_tokens, seed=0):
     from transformers import WhisperFeatureExtractor
     g = torch.Generator().manual_seed(seed)
     fe = WhisperFeatureExtractor(feature_size=lsm.whisper.config.num_mel_bins)
-    text = _text(lsm.tokenizer, target_tokens)
+    text = text_of_tokens(lsm.tokenizer, target_tokens)
     items = [dict(id=f"utt{i}", wav=(0.1 * torch.randn(int(seconds * 16000), generator=g)).numpy(),
                   instruction="Translate the speech into Chinese.", target=text, transcript=text, task="st",
                   tgt_lang="zh") for i in range(batch_size)]
@@ -372,16 +368,17 @@ def measure_step(args, device, layers, batch_size):
 
 def _speech_stub(lsm, batch_size):
     """Zero speech tokens of the right shape (for the sequence length only)."""
-    W = M.FRAMES_30S // lsm.window
+    W = model.FRAMES_30S // lsm.window
     return (torch.zeros(batch_size, W, lsm.proj.out_features, device=lsm.device),
             torch.ones(batch_size, W, dtype=torch.bool, device=lsm.device))
 
 
-def kv_cache_bytes(config, dtype_bytes, batch, beams, tokens):
+def kv_cache_bytes(llm_config, dtype_bytes, batch, beams, tokens):
     """2 (K and V) x layers x kv heads x head dim x bytes x sequences x tokens."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * batch * beams * tokens
+    c = llm_config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes * batch * beams * tokens
 
 
 @torch.no_grad()
@@ -397,7 +394,7 @@ def measure_decode(args, lsm, device):
     with peak_memory(device) as enc, evaluate.autocast(lsm):  # the encoders' transient: per clip, not per layer
         inp = lsm.splice(lsm._speech_middles(*lsm.encode_speech(batch)), batch["instructions"], left_pad=True)
     # KV cache (per layer) + logits and beam state; the packed LM-head input is what a GPU run's kernels see
-    with peak_memory(device) as gen, evaluate.autocast(lsm), lsm.packed_lm_head():
+    with peak_memory(device) as gen, evaluate.autocast(lsm), model.packed_lm_head(lsm.causal_lm):
         ids = lsm.llm.generate(inputs_embeds=inp["embeds"], attention_mask=inp["mask"],
                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                num_beams=args.num_beams, do_sample=False, eos_token_id=lsm.eos_id,
@@ -449,14 +446,14 @@ def fit_linear(xs, ys):
     return a, b
 
 
-def fits(total_bytes):
+def cards_that_fit(total_bytes):
     return [gb for gb in CARDS_GB if total_bytes <= USABLE * gb * GiB]
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- the plan
 
 
-def _gb(x):
+def gib(x):
     return "-" if x is None else f"{x / GiB:.2f}"
 
 
@@ -465,43 +462,52 @@ def print_parts(parts, tot):
     print(f"{'part':<9}{'params':>16}{'trainable':>14}" + "".join(f"{c.replace('_bytes', ''):>11}" for c in cols[2:])
           + "   (bytes in GiB)")
     for name, r in list(parts.items()) + [("total", tot)]:
-        print(f"{name:<9}{r['params']:>16,}{r['trainable']:>14,}" + "".join(f"{_gb(r.get(c)):>11}" for c in cols[2:]))
+        print(f"{name:<9}{r['params']:>16,}{r['trainable']:>14,}" + "".join(f"{gib(r.get(c)):>11}" for c in cols[2:]))
 
 
 def run(args, tmp):
-    """The report for parsed flags; `tmp`: a folder for the config-only checkpoints of --real."""
+    """The plan for parsed flags; `tmp`: a folder for the config-only checkpoints of --real."""
     if args.real:
         args.__dict__.update(real_config_folder(args.real, tmp))
         args.no_beats = False
         names = dict(whisper="whisper-large-v2", beats="beats-cpt2", llm=args.real, real=args.real)
     else:
         names = dict(whisper=args.whisper, beats=None if args.no_beats else args.beats, llm=args.llm, real=None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b, k = args.per_device_batch_size or 1, args.grad_accum or 1
     layout = dict(per_device_batch_size=b, grad_accum=k, processes=args.processes, global_batch=b * k * args.processes,
                   gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, llm_dtype=args.llm_dtype,
                   align=args.align, layers=args.layers if args.align == "ot" else None,
                   audio_seconds=args.audio_seconds, target_tokens=args.target_tokens)
     args.per_device_batch_size, args.grad_accum = b, k
+    parts, tot, n_layers = count_full_depth(args, names)
+    result = dict(model=names, layout=layout, parts=parts, totals=tot, measured=[], fit=None, decode=[], predicted={})
+    if not args.no_measure:
+        depths = measure(args, result, n_layers)
+        fit_and_predict(args, result, tot, n_layers, depths)
+    print(json.dumps(result))
+    return result
 
-    # 1-2. count and bytes at full depth on the meta device
+
+def count_full_depth(args, names):
+    """1-2. The parameters and bytes of every part at full depth, on the meta device -> (parts, totals, LLM depth)."""
     full = build(args, "meta")
     parts = count(full)
     tot = totals(parts, args.processes)
     n_layers = full.lsm.n_layers
-    print(f"report: {args.real or args.llm} ({n_layers} LLM layers), {'Whisper + BEATs' if names['beats'] else 'Whisper'}"
-          f", --align {args.align}; per device: batch {b} x {k} accumulation, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, autocast {args.dtype}, LLM {args.llm_dtype}; "
-          f"{args.processes} processes")
+    print(f"plan: {args.real or args.llm} ({n_layers} LLM layers), {'Whisper + BEATs' if names['beats'] else 'Whisper'}"
+          f", --align {args.align}; per device: batch {args.per_device_batch_size} x {args.grad_accum} accumulation, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, autocast {args.dtype}, LLM "
+          f"{args.llm_dtype}; {args.processes} processes")
     print_parts(parts, tot)
-    print(f"static per GPU (weights + gradients + AdamW + all-reduce buffer): {_gb(tot['static_bytes'])} GiB (computed)")
-    result = dict(model=names, layout=layout, parts=parts, totals=tot, measured=[], fit=None, decode=[], predicted={})
-    del full
-    if args.no_measure:
-        print(json.dumps(result))
-        return result
+    print(f"static per GPU (weights + gradients + AdamW + all-reduce buffer): {gib(tot['static_bytes'])} GiB (computed)")
+    return parts, tot, n_layers
 
-    # 4. measure at reduced depth (encoders at one layer: their depth does not change the activations)
+
+def measure(args, result, n_layers):
+    """4. Training steps (and decodes) measured at reduced depth, the encoders at one layer (their depth does not
+    change the activations) -> result["measured"], result["decode"]; returns the measured LLM depths."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    b = args.per_device_batch_size
     depths = sorted({min(n_layers, d) if d > 0 else n_layers for d in args.measure_layers})
     enc = dict(whisper=1, beats=1) if depths[-1] < n_layers else {}
     points = [(1, d) for d in depths] + ([(2, depths[0])] if len(depths) > 1 else [])
@@ -514,18 +520,22 @@ def run(args, tmp):
         result["measured"].append(m)
         step_s = "-" if m["step_s"] is None else f"{m['step_s']:.2f}"
         print(f"  train  L={d:<3} B={B}: S={m['seq_len']}; above the weights and AdamW state: peak forward "
-              f"{_gb(m['peak_forward_bytes'])}, backward {_gb(m['peak_backward_bytes'])} GiB (activations "
-              f"{_gb(m['activation_bytes'])} + gradients {_gb(m['grad_bytes'])}; RSS growth "
-              f"{_gb(m['rss_growth_bytes'])}); {m['flops'] / 1e12:.2f} TFLOP per micro-batch, {step_s} s/step")
+              f"{gib(m['peak_forward_bytes'])}, backward {gib(m['peak_backward_bytes'])} GiB (activations "
+              f"{gib(m['activation_bytes'])} + gradients {gib(m['grad_bytes'])}; RSS growth "
+              f"{gib(m['rss_growth_bytes'])}); {m['flops'] / 1e12:.2f} TFLOP per micro-batch, {step_s} s/step")
         if B == 1 and not args.no_decode:
             result["decode"].append(measure_decode(args, objective.lsm, device))
             dm = result["decode"][-1]
             print(f"  decode L={d:<3} B={dm['batch']} x beam {dm['beams']}: prompt {dm['prompt_len']} + "
-                  f"{dm['new_tokens']} new tokens, peak {_gb(dm['peak_bytes'])} GiB above the weights "
-                  f"(KV cache {_gb(dm['kv_cache_bytes'])} computed), {dm['seconds']:.1f} s")
+                  f"{dm['new_tokens']} new tokens, peak {gib(dm['peak_bytes'])} GiB above the weights "
+                  f"(KV cache {gib(dm['kv_cache_bytes'])} computed), {dm['seconds']:.1f} s")
         del objective
+    return depths
 
-    # 3. the fits, and the predictions at full depth
+
+def fit_and_predict(args, result, tot, n_layers, depths):
+    """3. The fits of the measured points -> result["fit"], and the predictions at full depth -> result["predicted"],
+    both printed."""
     fit = fit_activations(result["measured"])
     one = [m for m in result["measured"] if m["batch"] == 1]
     shallow = [m for m in result["measured"] if m["llm_layers"] == depths[0]]
@@ -538,23 +548,21 @@ def run(args, tmp):
         if result["decode"] else None)
     result["predicted"] = p = predict(args, result, tot, n_layers)
     S = one[0]["seq_len"]
-    print(f"activation fit A = w + B (u + v L): w {_gb(fit['w'])} GiB, u {_gb(fit['u'])} GiB, v {_gb(fit['v'])} GiB per "
+    print(f"activation fit A = w + B (u + v L): w {gib(fit['w'])} GiB, u {gib(fit['u'])} GiB, v {gib(fit['v'])} GiB per "
           f"layer and sample (S={S}: {fit['v'] / S / 2**10:.1f} KiB per token and layer)")
     if "held_out" in fit:
         h = fit["held_out"]
-        print(f"  held-out L={h['llm_layers']} B={h['batch']}: predicted {_gb(h['predicted'])}, measured "
-              f"{_gb(h['measured'])} GiB ({100 * h['rel_error']:+.1f}%)")
+        print(f"  held-out L={h['llm_layers']} B={h['batch']}: predicted {gib(h['predicted'])}, measured "
+              f"{gib(h['measured'])} GiB ({100 * h['rel_error']:+.1f}%)")
     print(f"predicted per GPU at full depth ({n_layers} LLM layers; GiB; cards that fit at {USABLE:.0%} of "
           f"{'/'.join(map(str, CARDS_GB))} GB):")
     for B, row in p["by_batch"].items():
-        print(f"  batch {B}: training {_gb(row['train_bytes'])} (fits {row['train_fits_gb'] or 'none'})" +
-              (f", decoding beam {args.num_beams} {_gb(row['decode_bytes'])} (fits {row['decode_fits_gb'] or 'none'})"
+        print(f"  batch {B}: training {gib(row['train_bytes'])} (fits {row['train_fits_gb'] or 'none'})" +
+              (f", decoding beam {args.num_beams} {gib(row['decode_bytes'])} (fits {row['decode_fits_gb'] or 'none'})"
                if row.get("decode_bytes") else ""))
+    global_batch = result["layout"]["global_batch"]
     print(f"  {p['train_flops_per_sample'] / 1e12:.2f} TFLOP per training sample, "
-          f"{p['train_flops_per_sample'] * layout['global_batch'] / 1e15:.1f} PFLOP per step of global batch "
-          f"{layout['global_batch']}")
-    print(json.dumps(result))
-    return result
+          f"{p['train_flops_per_sample'] * global_batch / 1e15:.1f} PFLOP per step of global batch {global_batch}")
 
 
 def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
@@ -578,11 +586,11 @@ def predict(args, result, tot, n_layers, batches=(1, 2, 4, 8)):
         act = a["w"] + B * (a["u"] + a["v"] * n_layers)
         train_bytes = (weights + tot["adam_bytes"] + tot["sync_bytes"]
                        + max(tot["grad_bytes"] + act, f["a"] + f["b"] * B))
-        row = dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=fits(train_bytes))
+        row = dict(activation_bytes=act, train_bytes=train_bytes, train_fits_gb=cards_that_fit(train_bytes))
         if fit["decode_generate_peak"]:
             d, enc = fit["decode_generate_peak"], result["decode"][0]["peak_encode_bytes"]
             row["decode_bytes"] = weights + max(enc, d["a"] + d["b"] * n_layers) * B / args.decode_batch_size
-            row["decode_fits_gb"] = fits(row["decode_bytes"])
+            row["decode_fits_gb"] = cards_that_fit(row["decode_bytes"])
         out["by_batch"][B] = row
     return out
 
@@ -608,7 +616,7 @@ def main(argv=None):
         p.error("--measure-layers must be >= 0 (0 = full depth) and --audio-seconds >= 1")
     if args.real and any(f in (argv if argv is not None else sys.argv) for f in ("--whisper", "--beats", "--llm")):
         p.error("--real replaces --whisper, --beats and --llm: give one or the other")
-    with tempfile.TemporaryDirectory(prefix="report_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gpu_plan_") as tmp:
         return run(args, tmp)
 
 
@@ -616,4 +624,4 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError, OSError) as e:  # a missing or wrong checkpoint: one line, no traceback
-        sys.exit(f"report.py: error: {e}")
+        sys.exit(f"gpu_plan.py: error: {e}")
