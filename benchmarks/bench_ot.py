@@ -222,6 +222,28 @@ def loss_table(case, B, d, device, repeat):
     return result
 
 
+def sweep(device):
+    """--sweep: worst / mean error and time of ours on the d = 896 loss batch for smaller eps and more iterations."""
+    x, y = hidden_states(32, 88, 40, 896, seed=0, device=device)
+    truth = exact_w(x, y)
+    print("\neps and n_iters on the loss batch d=896 (32 x 88 x 40)\n| eps | n_iters | ms | worst rel. error | mean |"
+          "\n|---|---|---|---|---|")
+    rows = []
+    for eps in (aista_ot.EPS, 2e-3, 1e-3):
+        for n_iters in (100, 200, 400):
+            def run():
+                xg = x.clone().requires_grad_(True)
+                v = aista_ot.wasserstein(xg, y, eps=eps, n_iters=n_iters)
+                v.sum().backward()
+                return v.detach().double()
+            seconds, values = timed(run)
+            err = np.abs(values.cpu().numpy() / truth - 1)
+            rows.append(dict(eps=eps, n_iters=n_iters, seconds=seconds, worst_error=float(err.max()),
+                             mean_error=float(err.mean())))
+            print(f"| {eps:g} | {n_iters} | {seconds * 1e3:.1f} | {err.max():.1e} | {err.mean():.1e} |")
+    return rows
+
+
 # ---------------------------------------------------------------- part 3: stage-2 retrieval
 def retrieval(N, device):
     x, _ = hidden_states(N, 30, 20, 896, seed=1, device=device)
@@ -433,6 +455,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="every part at small sizes (a smoke run)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--only-stage3", action="store_true", help="only part 4 (the stage-3 step ratio)")
+    p.add_argument("--sweep", action="store_true", help="only: error and time for smaller eps and more iterations")
     args = p.parse_args()
     if args.device not in ("cpu", "cuda"):
         p.error(f"--device must be cpu or cuda, got {args.device!r}")
@@ -442,6 +465,11 @@ def main():
                "threads": torch.get_num_threads(), "eps": aista_ot.EPS, "n_iters": aista_ot.N_ITERS, "quick": args.quick}
     if args.only_stage3:
         results["stage3"] = stage3_step(rounds=5 if args.quick else 15)
+    elif args.sweep:
+        load_anchors()
+        if pot is None:
+            raise SystemExit("--sweep needs POT (the exact emd2)")
+        results["sweep"] = sweep(args.device)
     else:
         load_anchors()
         print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, ot.py eps={aista_ot.EPS} "
