@@ -161,7 +161,8 @@ def _solve(C, invalid, x_mask, y_mask, bad, eps, n_iters):
         scale = scale.masked_fill(bad.view(-1, 1, 1), math.nan)                        # NaN for that problem
     levels = max(1, round(ANNEAL * n_iters / LEVEL))
     anneal = min(n_iters, levels * LEVEL)
-    schedule = [scale * eps ** (k / max(1, levels - 1)) for k in range(levels)]       # e: std(C) ... eps_abs
+    powers = [k / (levels - 1) for k in range(levels)] if levels > 1 else [1.0]
+    schedule = [scale * eps ** t for t in powers]                                      # e: std(C) ... eps_abs
 
     F, G = xr.log(), yr.log()                        # potentials: 0 on valid positions, -inf on padding (K = 0)
     low = F.mT + G + floor                           # floor on valid entries, -inf on padding
