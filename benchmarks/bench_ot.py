@@ -495,7 +495,7 @@ def main():
 
 
 def print_targets(r):
-    """Issue 17's targets, met or missed by how much."""
+    """The targets set for ot.py, met or missed by how much."""
     lines = [("operators per iteration <= 8", r["operators_per_iteration"] <= 8, f"{r['operators_per_iteration']:.2f}"),
              ("host synchronisations per call = 0", r["host_syncs"] == 0, str(r["host_syncs"]))]
     for case in [k for k in r if k.startswith("loss d=")]:
@@ -513,7 +513,7 @@ def print_targets(r):
     if "stage3" in r:
         ratio = r["stage3"]["ratio"]
         lines.append(("stage-3 step ratio ot / none <= 1.15", ratio <= 1.15, f"{ratio:.3f}"))
-    print("\ntargets (issue 17):")
+    print("\ntargets:")
     for name, met, value in lines:
         print(f"  {'met   ' if met else 'MISSED'} {name}: {value}")
     r["targets"] = {name: {"met": met, "value": value} for name, met, value in lines}

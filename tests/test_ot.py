@@ -25,7 +25,7 @@ def exact_ot(problems, tmp_path):
 
 
 def random_problem(rng):
-    """Random point clouds over the issue's ranges: n, m in 1..128, d in 2..1024, scales 1e-2..1e2."""
+    """Random point clouds: n, m in 1..128, d in 2..1024, scales 1e-2..1e2."""
     n, m = (int(v) for v in rng.integers(1, 129, 2))
     d = int(rng.choice([2, 3, 8, 32, 128, 512, 1024]))
     s = 10 ** rng.uniform(-2, 2)
@@ -269,8 +269,8 @@ def test_retrieval_finds_noisy_partial_copies():
     assert (dist.argmin(1) == torch.arange(N)).all()
 
 
-# ----------------------------------------------------------------------------- issue 10: strict inputs, isolation,
-# reproducibility; issue 12.1: fp32 whatever autocast
+# ----------------------------------------------------------------------------- strict inputs, isolation, fp32 whatever
+# autocast
 
 
 def test_masks_must_be_bool_or_hold_only_zero_and_one():
@@ -358,7 +358,7 @@ def test_a_poisoned_problem_leaves_the_others_untouched():
 
 @pytest.mark.parametrize("device_type", ["cpu"])
 def test_autocast_changes_nothing(device_type):
-    """Issue 12.1: under bf16 autocast the cross term x @ y^T used to run in bf16 (gradient off by 1.6-2.1% at
+    """Under bf16 autocast the cross term x @ y^T would run in bf16 (gradient off by 1.6-2.1% at
     d = 1024); ot.py switches autocast off inside, so value and gradient are those computed without it."""
     g = torch.Generator().manual_seed(12)
     x = torch.randn(3, 60, 1024, generator=g) * 3.0
