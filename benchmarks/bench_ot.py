@@ -1,24 +1,32 @@
-"""Benchmark ot.py against GeomLoss and POT on the shapes AI-STA uses.
+"""Benchmark ot.py against GeomLoss and POT on the shapes AI-STA uses (docs/ot.md holds a run's tables).
 
-    python benchmarks/bench_ot.py              # full tables (a few minutes on 2 CPU cores)
-    python benchmarks/bench_ot.py --quick      # smaller batches, for a smoke run
+    OMP_NUM_THREADS=1 python benchmarks/bench_ot.py                    # the CPU tables and targets (a few minutes)
+    python benchmarks/bench_ot.py --quick                              # every part at small sizes: a smoke run
+    python benchmarks/bench_ot.py --device cuda --json bench.json      # on a GPU, with the GPU shapes
 
-Every contender gets the same inputs in one process; the table gives the time of one forward (+ backward
-where the contender offers gradients), the mean relative error of the value against POT's exact `ot.emd2`
-(float64), and peak memory: the growth of the resident set of a fresh subprocess that runs only that
-contender (Linux). Everything runs on the CPU; set OMP_NUM_THREADS to pin the thread count.
+Parts, in one run:
+  1. operators dispatched per Sinkhorn iteration (forward + backward, counted with a TorchDispatchMode) and host
+     synchronisations per call (CUDA: torch.cuda.set_sync_debug_mode; CPU: operators that read a value back).
+  2. loss batches (B = 32, 88 x 40, d = 896 and 3584): time of forward + backward, worst and mean relative error of
+     the value against POT's exact emd2 (float64); GeomLoss (tensorized) over blur / scaling settings, POT's
+     solve_batch; the speed ratio against GeomLoss's fastest setting at no worse error.
+  3. stage-2 retrieval, 200 x 200 pairs of 30 x 20 points, d = 896: seconds (error on a 20 x 20 corner).
+  4. the stage-3 step of the demo-sized model with OT on five layers against cross-entropy only (CPU only; a fresh
+     process, where `import ot` is ot.py and not POT).
+  5. GPU shapes (on CUDA, or reduced with --quick): the stage-3 batch B = 8, 88 x 40, d = 3584, bf16, forward +
+     backward; one stage-2 block of 1000 x 1000 pairs of 30 x 20 at tiny.py's width (64) and at Qwen2-7B's (3584);
+     each beside GeomLoss and POT's solve_batch on the same inputs. An anchor that is not installed is skipped
+     with a note.
 
-Name clash: run as a script, this folder is first on sys.path, so `import ot` is POT; the project's ot.py
-is loaded by path as `aista_ot`.
+Name clash: run as a script, this folder is first on sys.path, so `import ot` is POT; the project's ot.py is
+loaded by path as `aista_ot`. Times are medians of a few runs; on a shared machine compare the ratios.
 """
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,172 +36,233 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("aista_ot", ROOT / "ot.py")
 aista_ot = importlib.util.module_from_spec(spec)
+sys.modules["aista_ot"] = aista_ot          # torch.compile and pickling look modules up by name
 spec.loader.exec_module(aista_ot)
 
 
-def hidden_states(B, n, m, d, seed):
-    """Speech-window and text-token states with a shared offset and partly matching content, as after
-    stage 1: the text side is a noisy, shorter re-ordering-free subsample of the speech side."""
+pot = geomloss = None      # the anchors, imported by load_anchors (not in part 4's process: there `ot` is ot.py)
+
+
+def load_anchors():
+    """POT and GeomLoss, each None with a note where it is not installed (the GPU machine may lack them)."""
+    global pot, geomloss
+    for name in ("ot", "geomloss"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            print(f"note: {'POT' if name == 'ot' else name} is not installed; its rows are skipped")
+            continue
+        if name == "ot" and not hasattr(module, "emd2"):
+            raise SystemExit(f"imported {module.__file__} as POT: run this script as a file")
+        pot, geomloss = (module, geomloss) if name == "ot" else (pot, module)
+
+
+def hidden_states(B, n, m, d, seed, device="cpu"):
+    """Speech-window and text-token states with a shared offset and partly matching content, as after stage 1:
+    the text side is a noisy, shorter, order-keeping subsample of the speech side."""
     g = torch.Generator().manual_seed(seed)
     offset = torch.randn(1, 1, d, generator=g) * 2.0
     x = offset + torch.randn(B, n, d, generator=g)
     idx = torch.sort(torch.randint(0, n, (B, m), generator=g), dim=1).values
     y = torch.gather(x, 1, idx[..., None].expand(B, m, d)) + 0.5 * torch.randn(B, m, d, generator=g)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def exact_w(x, y):
-    import ot as pot
+    """POT's network simplex in float64 on the CPU, per problem."""
     out = []
-    for xb, yb in zip(x.double().numpy(), y.double().numpy()):
+    for xb, yb in zip(x.double().cpu().numpy(), y.double().cpu().numpy()):
         M = pot.dist(xb, yb)
         out.append(pot.emd2(np.full(len(xb), 1 / len(xb)), np.full(len(yb), 1 / len(yb)), M, numItermax=10_000_000))
     return np.array(out)
 
 
-# ---------------------------------------------------------------- contenders: (x, y) -> values (B,)
-def ours(dtype, n_iters=aista_ot.N_ITERS):
-    def run(x, y):
+def timed(fn, *args, repeat=3):
+    """(median seconds, last output) after one warm-up call; CUDA work is waited for."""
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    fn(*args)
+    times, out = [], None
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        out = fn(*args)
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+# ---------------------------------------------------------------- contenders: (x, y) -> values (B,), fwd + bwd
+def ours(dtype=torch.float32, n_iters=aista_ot.N_ITERS):
+    def run(x, y, x_mask=None, y_mask=None):
         xg = x.detach().to(dtype, copy=True).requires_grad_(True)
-        v = aista_ot.wasserstein(xg, y.to(dtype), n_iters=n_iters)
+        v = aista_ot.wasserstein(xg, y.to(dtype), x_mask, y_mask, n_iters=n_iters)
         v.sum().backward()
         return v.detach().double()
     return run
 
 
-def geomloss(blur, scaling):
-    from geomloss import SamplesLoss
-    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, backend="tensorized")
+def geomloss_run(blur, scaling):
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, backend="tensorized")
 
     def run(x, y):
-        xg = x.clone().requires_grad_(True)
-        v = 2.0 * loss(xg, y)          # GeomLoss's cost is |x - y|^2 / 2
+        xg = x.detach().float().requires_grad_(True)
+        with torch.autocast(x.device.type, enabled=False):
+            v = 2.0 * loss(xg, y.float())          # GeomLoss's cost is |x - y|^2 / 2
         v.sum().backward()
         return v.detach().double()
     return run
 
 
-def pot_reg(x, y):
-    """The absolute epsilon ours uses for each problem, so POT solves the same entropic problems."""
-    cost = aista_ot.cost_matrix(x.double(), y.double())
-    valid = torch.ones_like(cost, dtype=torch.bool)
-    return (aista_ot.EPS * aista_ot._scale(cost, valid)[0]).numpy(), cost
+def eps_abs(x, y):
+    """ours' absolute epsilon per problem, on the cost ours computes (so the anchors solve the same problems)."""
+    B, n, m = x.shape[0], x.shape[1], y.shape[1]
+    ones = dict(dtype=torch.bool, device=x.device)
+    invalid = torch.zeros(B, n, m, **ones)
+    C = aista_ot._cost(x.float(), y.float(), torch.ones(B, n, **ones), torch.ones(B, m, **ones), invalid)[2]
+    std = C.flatten(1).std(1, unbiased=False)
+    return aista_ot.EPS * (std + aista_ot.MEAN_WEIGHT * C.flatten(1).mean(1)), C
 
 
 def pot_solve_batch(x, y):
-    import ot as pot
-    reg, cost = pot_reg(x, y)
-    # one reg for the batch (solve_batch takes a scalar): the median of the per-problem values
-    res = pot.solve_batch(cost.float(), reg=float(np.median(reg)), max_iter=aista_ot.N_ITERS, tol=1e-5,
-                          method="log_sinkhorn")
+    """POT's batched log-domain Sinkhorn on ours' cost, forward only (one reg for the batch: the median)."""
+    reg, C = eps_abs(x, y)
+    res = pot.solve_batch(C, reg=float(reg.median()), max_iter=aista_ot.N_ITERS, tol=1e-5, method="log_sinkhorn")
     return torch.as_tensor(res.value_linear).double()
 
 
 def pot_loop(x, y):
-    import ot as pot
-    reg, cost = pot_reg(x, y)
+    reg, C = eps_abs(x, y)
     out = []
-    for c, r in zip(cost.float().numpy(), reg):
-        a, b = np.full(c.shape[0], 1 / c.shape[0], dtype=np.float32), np.full(c.shape[1], 1 / c.shape[1], dtype=np.float32)
-        plan = pot.sinkhorn(a, b, c, reg=float(r), method="sinkhorn_log")
-        out.append(float((plan * c).sum()))
+    for c, r in zip(C.double().cpu().numpy(), reg.tolist()):
+        a, b = np.full(c.shape[0], 1 / c.shape[0]), np.full(c.shape[1], 1 / c.shape[1])
+        out.append(float((pot.sinkhorn(a, b, c, reg=r, method="sinkhorn_log") * c).sum()))
     return torch.tensor(out, dtype=torch.float64)
-
-
-def ours_pairwise(dtype):
-    def run(x, y):
-        return aista_ot.pairwise_wasserstein(x.to(dtype), y.to(dtype), chunk_size=4096).double()
-    return run
-
-
-# ---------------------------------------------------------------- measurement
-def timed(fn, *args, repeat=3):
-    fn(*args)  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn(*args)
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
-def peak_memory_mb(case, contender, quick):
-    """Peak RSS growth (MB) of a subprocess that builds the inputs, then runs one contender once."""
-    cmd = [sys.executable, __file__, "--memory-probe", case, contender] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def contenders(case, quick=False):
-    if case.startswith("retrieval"):
-        return {"ours fp32": ours_pairwise(torch.float32), "ours bf16": ours_pairwise(torch.bfloat16)}
-    # GeomLoss on ours' entropic problem: its eps = blur^2 on its |x-y|^2 / 2 scale = ours' eps_abs / 2
-    # (the median over the batch: GeomLoss takes one blur)
-    x, y = inputs(case, quick)
-    reg, _ = pot_reg(x, y)
-    same = round(float(np.sqrt(np.median(reg) / 2)), 3)
-    grid = GEOMLOSS_GRID + [(same, s) for s in (0.5, 0.7, 0.9)]
-    return {"ours fp32": ours(torch.float32), "ours bf16": ours(torch.bfloat16),
-            "ours fp32 n_iters=50": ours(torch.float32, 50), "ours fp32 n_iters=20": ours(torch.float32, 20),
-            "POT solve_batch": pot_solve_batch, "POT sinkhorn_log loop": pot_loop,
-            **{f"GeomLoss blur={b} scaling={s}" + (" (ours' eps)" if b == same else ""): geomloss(b, s)
-               for b, s in grid}}
 
 
 GEOMLOSS_GRID = [(0.5, 0.5), (0.2, 0.5), (0.2, 0.7), (0.1, 0.7), (0.1, 0.9)]
 
 
-def per_iteration(x, y, repeat=3):
-    """(seconds per solver iteration of ours, the two-pass limit): the difference of 300 and 150 iterations
-    over 150, against two passes of exp + sum over the (B, n, m) cost (one per half-iteration)."""
-    t150, _ = timed(ours(torch.float32, 150), x, y, repeat=repeat)
-    t300, _ = timed(ours(torch.float32, 300), x, y, repeat=repeat)
-    cost = aista_ot.cost_matrix(x, y)
-    limit, _ = timed(lambda c: c.exp().sum(2), cost, repeat=20)
-    return (t300 - t150) / 150, 2 * limit
+def loss_contenders(x, y, device):
+    rows = {"ours fp32": ours(), "ours bf16": ours(torch.bfloat16), "ours fp32 n_iters=200": ours(n_iters=200)}
+    if geomloss is not None:      # also on ours' entropic problem: eps = blur^2 on GeomLoss's |x-y|^2 / 2 scale
+        same = round(float((eps_abs(x, y)[0].median() / 2).sqrt()), 3)
+        for b, s in GEOMLOSS_GRID + [(same, 0.5), (same, 0.9), (same, 0.97)]:
+            rows[f"GeomLoss blur={b} scaling={s}" + (" (ours' eps)" if b == same else "")] = geomloss_run(b, s)
+    if pot is not None:
+        rows["POT solve_batch (forward)"] = pot_solve_batch
+        if device == "cpu" and x.shape[0] >= 32:          # per problem: minutes at the full sizes, skipped in --quick
+            rows["POT sinkhorn_log loop (forward)"] = pot_loop
+    return rows
 
 
-def cases(quick):
-    B = 8 if quick else 32
-    N = 40 if quick else 200
-    return {"loss d=896": (B, 88, 40, 896), "loss d=3584": (B, 88, 40, 3584), "retrieval d=896": (N, 30, 20, 896)}
+# ---------------------------------------------------------------- part 1: operators and host synchronisations
+def operators_and_syncs(device):
+    """(operators per iteration, host synchronisations) of one default forward + backward on B = 8, 88 x 40."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x, y = hidden_states(8, 88, 40, 64, seed=2, device=device)
+    x_mask = torch.arange(88, device=device) < torch.tensor([88, 60, 30, 10, 1, 45, 70, 88], device=device)[:, None]
+    y_mask = torch.arange(40, device=device) < torch.tensor([40, 12, 30, 5, 1, 33, 40, 20], device=device)[:, None]
+    reads = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2"}
+
+    class Count(TorchDispatchMode):
+        ops = syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            Count.syncs += func.overloadpacket._qualified_op_name in reads
+            return func(*args, **(kwargs or {}))
+
+    def call():
+        ours()(x, y, x_mask, y_mask)
+    call()
+    with Count():
+        call()
+    syncs = Count.syncs
+    if device == "cuda":           # the driver's own count: any synchronising CUDA call raises
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        except RuntimeError as e:
+            syncs = max(syncs, 1)
+            print(f"host synchronisation on CUDA: {e}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return Count.ops / aista_ot.N_ITERS, syncs
 
 
-def inputs(case, quick):
-    B, n, m, d = cases(quick)[case]
-    if case.startswith("retrieval"):
-        x, _ = hidden_states(B, n, m, d, seed=1)
-        _, y = hidden_states(B, n, m, d, seed=1)
-        return x, y
-    return hidden_states(B, n, m, d, seed=0)
+# ---------------------------------------------------------------- part 2: loss batches
+def loss_table(case, B, d, device, repeat):
+    x, y = hidden_states(B, 88, 40, d, seed=0, device=device)
+    truth = exact_w(x, y) if pot is not None else None
+    rows = []
+    for name, fn in loss_contenders(x, y, device).items():
+        seconds, values = timed(fn, x, y, repeat=1 if "loop" in name else repeat)
+        err = np.abs(values.cpu().numpy() / truth - 1) if truth is not None else np.full(B, np.nan)
+        rows.append({"contender": name, "seconds": seconds, "worst_error": float(err.max()),
+                     "mean_error": float(err.mean())})
+    ref = rows[0]["seconds"]
+    print(f"\n{case}: x {tuple(x.shape)}, y {tuple(y.shape)}, {device}")
+    print("| contender | ms | time / ours fp32 | worst rel. error vs emd2 | mean rel. error |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['contender']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / ref:.2f} | {r['worst_error']:.1e} | "
+              f"{r['mean_error']:.1e} |")
+    mine, geo = rows[0], [r for r in rows if r["contender"].startswith("GeomLoss")]
+    result = {"rows": rows}
+    if geo:
+        as_good = [r for r in geo if r["mean_error"] <= mine["mean_error"]]
+        fastest = min(as_good or geo, key=lambda r: r["seconds"])
+        result["geomloss_ratio"] = fastest["seconds"] / mine["seconds"]
+        result["geomloss_reference"] = fastest["contender"] + ("" if as_good else " (none reaches ours' error)")
+        print(f"GeomLoss's fastest setting at no worse error: " + (fastest["contender"] if as_good else
+              f"none reaches ours' mean error {mine['mean_error']:.1e}; its fastest setting, {fastest['contender']} "
+              f"(mean error {fastest['mean_error']:.1e}),") + f" takes {result['geomloss_ratio']:.2f}x ours' time")
+    return result
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def sweep(device):
+    """--sweep: worst / mean error and time of ours on the d = 896 loss batch for smaller eps and more iterations."""
+    x, y = hidden_states(32, 88, 40, 896, seed=0, device=device)
+    truth = exact_w(x, y)
+    print("\neps and n_iters on the loss batch d=896 (32 x 88 x 40)\n| eps | n_iters | ms | worst rel. error | mean |"
+          "\n|---|---|---|---|---|")
+    rows = []
+    for eps in (aista_ot.EPS, 2e-3, 1e-3):
+        for n_iters in (100, 200, 400):
+            def run():
+                xg = x.clone().requires_grad_(True)
+                v = aista_ot.wasserstein(xg, y, eps=eps, n_iters=n_iters)
+                v.sum().backward()
+                return v.detach().double()
+            seconds, values = timed(run)
+            err = np.abs(values.cpu().numpy() / truth - 1)
+            rows.append(dict(eps=eps, n_iters=n_iters, seconds=seconds, worst_error=float(err.max()),
+                             mean_error=float(err.mean())))
+            print(f"| {eps:g} | {n_iters} | {seconds * 1e3:.1f} | {err.max():.1e} | {err.mean():.1e} |")
+    return rows
 
 
-def memory_probe(case, contender, quick):
-    """Peak resident-set growth while `contender` runs once, sampled every 0.5 ms by a thread (Linux)."""
-    x, y = inputs(case, quick)
-    fn = {**contenders(case, quick), "ours fp32 n_iters=50": ours(torch.float32, 50),
-          "ours fp32 n_iters=500": ours(torch.float32, 500)}[contender]
-    base, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    fn(x, y)
-    done.set()
-    thread.join()
-    print(max(peak[0], rss_mb()) - base)
+# ---------------------------------------------------------------- part 3: stage-2 retrieval
+def retrieval(N, device):
+    x, _ = hidden_states(N, 30, 20, 896, seed=1, device=device)
+    _, y = hidden_states(N, 30, 20, 896, seed=1, device=device)
+    chunk = 4096 if device == "cpu" else 65536
+    seconds, D = timed(lambda: aista_ot.pairwise_wasserstein(x, y, chunk_size=chunk), repeat=1)
+    k = min(20, N)
+    result = {"pairs": N * N, "seconds": seconds}
+    if pot is not None:
+        truth = np.array([exact_w(x[i:i + 1].expand(k, -1, -1), y[:k]) for i in range(k)])
+        err = np.abs(D[:k, :k].double().cpu().numpy() / truth - 1)
+        result.update(worst_error=float(err.max()), mean_error=float(err.mean()))
+    print(f"\nstage-2 retrieval: {N} x {N} pairs of 30 x 20, d=896, {device}: {seconds:.2f} s"
+          + (f"; error vs emd2 on a {k} x {k} corner: worst {result['worst_error']:.1e}, "
+             f"mean {result['mean_error']:.1e}" if pot is not None else ""))
+    return result
 
 
-# ---------------------------------------------------------------- stage 3: OT on five layers vs cross-entropy only
+# ---------------------------------------------------------------- part 4: stage 3, OT on five layers vs CE only
 def demo_model(folder, seed=0):
     """The CPU demo's stage-3 model with random weights (demo.sh MODEL, demo/backbones.py): Qwen2 LLM hidden 128 x 4
     layers (float32, LoRA), Whisper d96 x 2 layers with the demo's cut input (4 s: its clips are under 4 s), tiny
@@ -306,83 +375,20 @@ def stage3_step(rounds=15, B=16):
         return med
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller batches")
-    p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--only-stage3", action="store_true", help="only the stage-3 step ratio (demo-sized model)")
-    args = p.parse_args()
-    if args.memory_probe:
-        return memory_probe(*args.memory_probe, args.quick)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ot.py defaults eps={aista_ot.EPS} "
-          f"n_iters={aista_ot.N_ITERS}")
-    results = {}
-    for case in ([] if args.only_stage3 else cases(args.quick)):
-        x, y = inputs(case, args.quick)
-        if case.startswith("retrieval"):   # exact distances of a 20 x 20 corner, the all-pairs block timed whole
-            xs, ys = x[:20], y[:20]
-            truth = np.array([exact_w(xs[i:i + 1].expand(20, -1, -1), ys) for i in range(20)])
-        else:
-            truth = exact_w(x, y)
-        rows = []
-        for name, fn in contenders(case, args.quick).items():
-            seconds, values = timed(fn, x, y, repeat=1 if "loop" in name or case.startswith("retrieval") else 3)
-            if case.startswith("retrieval"):
-                values = values[:20, :20].numpy()
-            values = values.numpy() if torch.is_tensor(values) else values
-            err = float(np.mean(np.abs(values / truth - 1)))
-            rows.append({"contender": name, "seconds": seconds, "error": err,
-                         "peak_mb": peak_memory_mb(case, name, args.quick)})
-        ref = rows[0]["seconds"]
-        print(f"\n{case}: x {tuple(x.shape)}, y {tuple(y.shape)}")
-        print("| contender | time (s) | time / ours fp32 | mean rel. error vs emd2 | peak MB |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['contender']} | {r['seconds']:.4f} | {r['seconds'] / ref:.2f} | {r['error']:.4f} | {r['peak_mb']:.0f} |")
-        results[case] = rows
-        if not case.startswith("retrieval"):
-            mine = rows[0]
-            geo = [r for r in rows if r["contender"].startswith("GeomLoss")]
-            as_good = [r for r in geo if r["error"] <= mine["error"]]
-            fastest = min(geo, key=lambda r: r["seconds"])
-            print(f"ours fp32 (error {mine['error']:.2e}) vs GeomLoss: " + ", ".join(
-                f"{r['contender'][9:]} {r['seconds'] / mine['seconds']:.2f}x slower at {r['error'] / max(mine['error'], 1e-12):.0f}x the error"
-                for r in geo))
-            print(f"  fastest GeomLoss setting: {fastest['seconds'] / mine['seconds']:.2f}x ours' time; "
-                  + (f"fastest at no worse error: {min(r['seconds'] for r in as_good) / mine['seconds']:.2f}x" if as_good
-                     else "no GeomLoss setting reaches ours' error"))
-            it, limit = per_iteration(x, y)
-            print(f"  time per iteration: ours {it * 1e3:.3f} ms, two-pass limit (2 x exp + sum over B x n x m) "
-                  f"{limit * 1e3:.3f} ms: {it / limit:.2f}x the limit")
-            results[case + " per_iteration"] = dict(ours=it, limit=limit)
-            cost = aista_ot.cost_matrix(x, y)
-            plan = aista_ot.sinkhorn(cost).log_plan_row.exp()
-            col_err = (plan.sum(1) - 1 / y.shape[1]).abs().sum(1)
-            print(f"  L1 column-marginal error at the defaults: max {col_err.max():.1e} (TOL {aista_ot.TOL:g}); "
-                  f"rows exact")
-            results[case + " marginal_error"] = float(col_err.max())
-    if not args.only_stage3:
-        case = "loss d=896"
-        mem = {k: peak_memory_mb(case, f"ours fp32 n_iters={k}", args.quick) for k in (50, 500)}
-        print(f"\npeak memory of one forward+backward, {case}: n_iters=50: {mem[50]:.0f} MB, n_iters=500: "
-              f"{mem[500]:.0f} MB")
-        results["memory_vs_iters"] = mem
-    if "ot" in sys.modules and not hasattr(sys.modules["ot"], "EPS"):
-        # POT was imported as `ot` above; the stage-3 step imports the project's modules, whose `import ot` must
-        # be ot.py: measure it in a fresh process that never imports POT
-        with tempfile.TemporaryDirectory() as folder:
-            part = Path(folder) / "stage3.json"
-            proc = subprocess.run([sys.executable, __file__, "--only-stage3", "--json", str(part)]
-                                  + (["--quick"] if args.quick else []), capture_output=True, text=True)
-            print(proc.stdout, end="")
-            if proc.returncode != 0:
-                raise SystemExit(f"the stage-3 measurement failed:\n{proc.stderr[-2000:]}")
-            results["stage3"] = json.loads(part.read_text())["stage3"]
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
-        return
-    st = stage3_step(rounds=5 if args.quick else 15)
+
+def stage3_in_fresh_process(quick):
+    """Part 4 in a process that never imports POT: the project's modules `import ot` and must get ot.py."""
+    with tempfile.TemporaryDirectory() as folder:
+        part = Path(folder) / "stage3.json"
+        proc = subprocess.run([sys.executable, __file__, "--only-stage3", "--json", str(part)]
+                              + (["--quick"] if quick else []), capture_output=True, text=True)
+        print(proc.stdout, end="")
+        if proc.returncode != 0:
+            raise SystemExit(f"the stage-3 measurement failed:\n{proc.stderr[-2000:]}")
+        return print_stage3(json.loads(part.read_text())["stage3"])
+
+
+def print_stage3(st):
     shapes = st.pop("shapes")
     print(f"\nstage-3 step, demo-sized model, batch 16, {torch.get_num_threads()} thread(s), median of interleaved "
           f"rounds: OT problems {shapes['problems']} x ({shapes['n']} x {shapes['m']}) d={shapes['d']}")
@@ -390,12 +396,127 @@ def main():
     for k, v in st.items():
         print(f"| {k} | {v:.4f} |")
     extra = st["step ot"] - st["step none"]
-    print(f"step ratio ot / none: {st['step ot'] / st['step none']:.3f} (target <= 1.15); extra {extra * 1e3:.1f} ms = "
-          f"text forward {st['text forward'] * 1e3:.1f} + ot.wasserstein {st['ot.wasserstein'] * 1e3:.1f} + hidden "
-          f"capture {(st['speech fwd+bwd, layers 0-4'] - st['speech fwd+bwd, no layers']) * 1e3:.1f} ms (+ rest)")
-    results["stage3"] = dict(st, shapes=shapes)
+    st["ratio"] = st["step ot"] / st["step none"]
+    print(f"step ratio ot / none: {st['ratio']:.3f} (target <= 1.15); extra {extra * 1e3:.1f} ms = text forward "
+          f"{st['text forward'] * 1e3:.1f} + ot.wasserstein {st['ot.wasserstein'] * 1e3:.1f} + hidden capture "
+          f"{(st['speech fwd+bwd, layers 0-4'] - st['speech fwd+bwd, no layers']) * 1e3:.1f} ms (+ rest)")
+    return dict(st, shapes=shapes)
+
+
+# ---------------------------------------------------------------- part 5: the GPU shapes
+def block_values(fn, x, y, chunk):
+    """D_ij = fn(x_i, y_j) for every pair, chunk pairs at a time (the anchors take one batch of equal sizes)."""
+    Nx, Ny = x.shape[0], y.shape[0]
+    i, j = torch.meshgrid(torch.arange(Nx, device=x.device), torch.arange(Ny, device=x.device), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    return torch.cat([fn(x[i[k:k + chunk]], y[j[k:k + chunk]]) for k in range(0, Nx * Ny, chunk)]).view(Nx, Ny)
+
+
+def gpu_shapes(device, quick):
+    """ms of the stage-3 batch (B = 8, 88 x 40, d = 3584, bf16 in, forward + backward), and of one stage-2 block of
+    1000 x 1000 pairs at d = 64 and 3584 (forward). The anchors take the block's first 50 rows, scaled to all."""
+    B, d = (2, 256) if quick else (8, 3584)
+    x, y = hidden_states(B, 88, 40, d, seed=3, device=device)
+    lengths = torch.randint(30, 89, (B, 1), generator=torch.Generator().manual_seed(0)).to(device)
+    x_mask = torch.arange(88, device=device) < lengths
+    rows = {"ours (bf16 in, masks)": lambda: ours(torch.bfloat16)(x.bfloat16(), y.bfloat16(), x_mask, None)}
+    if geomloss is not None:
+        rows["GeomLoss blur=0.5 scaling=0.5 (fp32, no masks)"] = lambda: geomloss_run(0.5, 0.5)(x, y)
+    if pot is not None:
+        rows["POT solve_batch (fp32, no masks, forward)"] = lambda: pot_solve_batch(x, y)
+    results = {"stage3 batch": {k: timed(f)[0] * 1e3 for k, f in rows.items()}}
+    print(f"\nstage-3 batch: B={B}, 88 x 40, d={d}, {device}: "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in results["stage3 batch"].items()))
+    N, first = (40, 8) if quick else (1000, 50)
+    for d in ((64, 256) if quick else (64, 3584)):
+        x, _ = hidden_states(N, 30, 20, d, seed=4, device=device)
+        _, y = hidden_states(N, 30, 20, d, seed=4, device=device)
+        chunk = 4096 if device == "cpu" else 65536
+        res = {"ours pairwise_wasserstein": timed(lambda: aista_ot.pairwise_wasserstein(x, y, chunk_size=chunk),
+                                                  repeat=1)[0] * 1e3}
+        anchors = {}
+        if geomloss is not None:
+            loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.5, scaling=0.5, debias=False, backend="tensorized")
+            anchors["GeomLoss blur=0.5 scaling=0.5"] = torch.no_grad()(loss)
+        if pot is not None:
+            anchors["POT solve_batch"] = pot_solve_batch
+        for name, fn in anchors.items():
+            seconds = timed(lambda: block_values(fn, x[:first], y, 1024 if d > 1000 else 8192), repeat=1)[0]
+            res[f"{name} (first {first} rows x{N / first:g})"] = seconds * 1e3 * N / first
+        results[f"stage2 block d={d}"] = res
+        print(f"stage-2 block: {N} x {N} pairs of 30 x 20, d={d}, {device}: "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in res.items()))
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true", help="every part at small sizes (a smoke run)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--only-stage3", action="store_true", help="only part 4 (the stage-3 step ratio)")
+    p.add_argument("--sweep", action="store_true", help="only: error and time for smaller eps and more iterations")
+    args = p.parse_args()
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "quick": args.quick,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "eps": aista_ot.EPS,
+               "n_iters": aista_ot.N_ITERS}
+    if args.only_stage3:
+        results["stage3"] = stage3_step(rounds=5 if args.quick else 15)
+    elif args.sweep:
+        load_anchors()
+        if pot is None:
+            raise SystemExit("--sweep needs POT (the exact emd2)")
+        results["sweep"] = sweep(args.device)
+    else:
+        load_anchors()
+        print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, ot.py eps={aista_ot.EPS} "
+              f"n_iters={aista_ot.N_ITERS}")
+        per_iter, syncs = operators_and_syncs(args.device)
+        print(f"\noperators per iteration (forward + backward / n_iters): {per_iter:.2f} (target <= 8); "
+              f"host synchronisations per call: {syncs} (target 0)")
+        results["operators_per_iteration"], results["host_syncs"] = per_iter, syncs
+        B = 8 if args.quick else 32
+        for d in ((224, 896) if args.quick else (896, 3584)):
+            results[f"loss d={d}"] = loss_table(f"loss d={d}", B, d, args.device, repeat=3)
+        results["retrieval"] = retrieval(40 if args.quick else 200, args.device)
+        if args.device == "cpu":
+            results["stage3"] = stage3_in_fresh_process(args.quick)
+        if args.device == "cuda" or args.quick:
+            results["gpu shapes"] = gpu_shapes(args.device, args.quick)
+        else:
+            print("\npart 5 (the GPU shapes) runs with --device cuda, or reduced with --quick")
+        print_targets(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def print_targets(r):
+    """The targets set for ot.py, met or missed by how much."""
+    lines = [("operators per iteration <= 8", r["operators_per_iteration"] <= 8, f"{r['operators_per_iteration']:.2f}"),
+             ("host synchronisations per call = 0", r["host_syncs"] == 0, str(r["host_syncs"]))]
+    for case in [k for k in r if k.startswith("loss d=")]:
+        worst = r[case]["rows"][0]["worst_error"]
+        lines.append((f"{case}: worst error vs emd2 <= 0.5%", worst <= 5e-3, f"{worst:.1e}"))
+        if "geomloss_ratio" in r[case]:
+            ratio = r[case]["geomloss_ratio"]
+            lines.append((f"{case}: >= 2x GeomLoss ({r[case]['geomloss_reference']})", ratio >= 2, f"{ratio:.2f}x"))
+    if "worst_error" in r["retrieval"]:
+        lines.append(("stage-2 block: worst error vs emd2 <= 0.5%", r["retrieval"]["worst_error"] <= 5e-3,
+                      f"{r['retrieval']['worst_error']:.1e}"))
+    if not r["quick"]:
+        lines.append(("stage-2 retrieval 200 x 200 <= 25/3 s", r["retrieval"]["seconds"] <= 25 / 3,
+                      f"{r['retrieval']['seconds']:.2f} s"))
+    if "stage3" in r:
+        ratio = r["stage3"]["ratio"]
+        lines.append(("stage-3 step ratio ot / none <= 1.15", ratio <= 1.15, f"{ratio:.3f}"))
+    print("\ntargets:")
+    for name, met, value in lines:
+        print(f"  {'met   ' if met else 'MISSED'} {name}: {value}")
+    r["targets"] = {name: {"met": met, "value": value} for name, met, value in lines}
 
 
 if __name__ == "__main__":
