@@ -81,8 +81,19 @@ fi
 
 # ---------------------------------------------------------------------------------------------- installs
 stage "install"
-if ! $PY -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.0'))" 2>/dev/null; then
-    run $PY -m pip install -q torch==2.13.0
+# torch: any release in requirements.txt's range is used as it is (a lab node's CUDA build stays); pip installs one
+# only when none is importable. (On a machine without a GPU, installing the CPU build first saves a large download:
+# pip install torch --index-url https://download.pytorch.org/whl/cpu)
+TORCH_SPEC=$(grep -E '^torch[<>=]' requirements.txt | cut -d' ' -f1)  # torch>=2.3,<3
+if TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)" 2>/dev/null); then
+    if [[ ! $TORCH_VERSION =~ ^2\.([0-9]+)\. ]] || ((BASH_REMATCH[1] < 3)); then
+        echo "demo.sh: torch $TORCH_VERSION is installed, the demo needs $TORCH_SPEC (requirements.txt); it leaves" \
+             "yours alone: run it in another virtual environment" >&2
+        exit 1
+    fi
+    echo "(torch $TORCH_VERSION is installed)"
+else
+    run $PY -m pip install -q "$TORCH_SPEC"
 fi
 # requirements-test.txt (with -r requirements.txt): pip only when a module the demo imports is missing
 CHECK="import transformers, peft, sacrebleu, soundfile, soxr, safetensors, tqdm, scipy, matplotlib, sklearn, espeakng_loader"

@@ -206,3 +206,53 @@ def test_no_program_text_in_demo_sh():
     snippets = [variables.get(s[1:], s) if s.startswith("$") else s for s in re.findall(r"\$PY -c \"([^\"]*)\"", text)]
     assert snippets and all(s.startswith("import ") for s in snippets), snippets
     assert len(re.findall(r"\$PY -c", text)) == len(snippets)
+
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# python for demo.sh's install step: a snippet that imports torch runs against a fake torch package, pip and
+# the other import checks only record their call, and the first stage (the corpus) ends the demo with rc 3
+echo "$*" >> "$CALLS"
+case "$1 $2" in
+    "-c "*torch*) PYTHONPATH="$FAKE_TORCH_DIR" exec "$REAL_PYTHON" "$@" ;;
+    "-m pip" | "-c "*) ;;
+    *) exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("torch_version, pip_torch", [("2.13.0+cpu", False), ("2.3.1+cu121", False),
+                                                      ("2.5.0a0+git1234", False), (None, True)])
+def test_install_keeps_any_supported_torch(tmp_path, torch_version, pip_torch):
+    """demo.sh installs torch only when none is importable (then the range of requirements.txt), and uses any
+    torch in that range as it is: a lab node's CUDA build is not replaced."""
+    calls, _ = _run_install_step(tmp_path, torch_version)
+    pips = [c for c in calls if c.startswith("-m pip")]
+    assert pips == (["-m pip install -q torch>=2.3,<3"] if pip_torch else []), calls
+    assert any("corpus.py" in c for c in calls)  # went on to the corpus
+
+
+@pytest.mark.parametrize("torch_version", ["2.1.2+cu118", "1.13.1", "3.0.0"])
+def test_install_refuses_torch_outside_the_range(tmp_path, torch_version):
+    calls, proc = _run_install_step(tmp_path, torch_version, rc=1)
+    assert not any(c.startswith("-m pip") for c in calls), calls
+    assert f"torch {torch_version} is installed" in proc.stderr and "torch>=2.3,<3" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no trace
+
+
+def _run_install_step(tmp_path, torch_version, rc=3):
+    """demo.sh with FAKE_PYTHON as its python and a fake torch of this version (None: import torch fails)
+    -> (the python calls it made, the process)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "fake" / "torch").mkdir(parents=True)
+    (tmp_path / "fake" / "torch" / "__init__.py").write_text(
+        f"__version__ = {torch_version!r}" if torch_version else "raise ImportError('no torch here')")
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_TORCH_DIR=str(tmp_path / "fake"),
+               OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"))
+    env.pop("CORPUS", None), env.pop("BACKBONES", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    return (tmp_path / "calls").read_text().splitlines(), proc
