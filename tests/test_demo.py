@@ -39,13 +39,14 @@ def finite_number(x):
 def test_corpus_and_backbones(demo):
     out, _ = demo
     corpus = os.path.join(out, "corpus")
-    for name in ("asr_train", "aac_train", "retrieval_test", "st_zh_train", "st_zh_dev", "st_zh_test"):
+    for name in ("asr_train", "aac_train", "retrieval", "st_zh_train", "st_zh_dev", "st_zh_test", "st_ja_test"):
         rows = read_jsonl(os.path.join(corpus, f"{name}.jsonl"))
         assert rows, name
         assert all(os.path.exists(os.path.join(corpus, r["audio"])) for r in rows), name
-    test_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_test.jsonl"))}
-    train_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_train.jsonl"))}
-    assert not test_src & train_src  # no test sentence in train
+    src = {name: {r["text"] for r in read_jsonl(os.path.join(corpus, f"{name}.jsonl"))}
+           for name in ("st_zh_test", "st_zh_dev", "st_zh_train", "retrieval")}
+    for a in src:  # no sentence in two splits: stage 2 chooses layers on sentences no other stage sees
+        assert all(a == b or not src[a] & src[b] for b in src), a
     bb = os.path.join(out, "backbones")
     with open(os.path.join(bb, "backbones.json")) as f:
         info = json.load(f)
@@ -195,6 +196,10 @@ def test_printed_commands_and_table(demo):
     with open(os.path.join(out, "timing.txt")) as f:
         timing = f.read()
     assert re.search(r"total\s+\d+ s", timing)
+    for key in ("base", "aista"):  # the two stage-3 runs went side by side, each with its log
+        assert re.search(rf"stage 3: {key}, seed 0\s+\d+ s", timing) and f"[stage 3: {key}, seed 0]" in stdout
+        with open(os.path.join(out, "logs", f"{key}_seed0.log")) as f:
+            assert "done at step" in f.read()  # joint_train.py's last line
 
 
 def test_no_program_text_in_demo_sh():
@@ -256,3 +261,84 @@ def _run_install_step(tmp_path, torch_version, rc=3):
                           text=True, timeout=60)
     assert proc.returncode == rc, proc.stdout + proc.stderr
     return (tmp_path / "calls").read_text().splitlines(), proc
+
+
+FAKE_PIPELINE = """#!/usr/bin/env bash
+# python for demo.sh with every stage faked: each writes the output demo.sh looks for; joint_train.py and evaluate.py
+# log when they start and end (and joint_train.py sleeps, or fails for the run named in $FAKE_FAIL)
+echo "$*" >> "$CALLS"
+out=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --output-dir ]] && out=${args[i + 1]}; done
+stamp() { echo "$1 $2 $(basename "$out") $(date +%s.%N)" >> "$EVENTS"; }
+case "$1 $2" in
+    "-c import torch; print(torch.__version__)") echo 2.13.0 ;;
+    "-c "*) ;;
+    "demo/backbones.py --layers") [[ $4 == all ]] && echo 0 1 2 || echo 0 1 ;;
+    "demo/backbones.py --corpus") [[ $6 == --short-whisper ]] && mkdir -p "$7" || { mkdir -p "$5"; touch "$5/backbones.json"; } ;;
+    pretrain.py*) mkdir -p "$out"; touch "$out/last.safetensors" ;;
+    select_layers.py*) mkdir -p "$out"; touch "$out/layers.json" "$out/mrr_per_layer.png" ;;
+    joint_train.py*)
+        stamp start train
+        echo $$ > "$out.pid"
+        sleep "$FAKE_SECONDS"
+        [[ $(basename "$out") == "$FAKE_FAIL" ]] && { echo "fake failure of $out"; exit 7; }
+        mkdir -p "$out"; touch "$out/best.safetensors"
+        stamp end train ;;
+    evaluate.py*)
+        if [[ -n $out ]]; then stamp start eval; mkdir -p "$out"; touch "$out/metrics.json"; stamp end eval
+        else echo "| a fake table |"; fi ;;
+esac
+"""
+
+
+def _fake_demo(tmp_path, seconds, fail="", jobs="2"):
+    """FULL=1 demo.sh over seeds 0 and 1 with FAKE_PIPELINE as python -> (process, [(event, what, run, time)])."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PIPELINE)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"),
+               EVENTS=str(tmp_path / "events"), FAKE_SECONDS=str(seconds), FAKE_FAIL=fail, FULL="1", SEEDS="0 1",
+               JOBS=jobs)
+    env.pop("CORPUS", None), env.pop("BACKBONES", None), env.pop("QUICK", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    events = [line.split() for line in (tmp_path / "events").read_text().splitlines()] \
+        if (tmp_path / "events").exists() else []
+    return proc, [(e, what, run, float(t)) for e, what, run, t in events]
+
+
+def test_stage3_runs_two_at_a_time_each_after_its_base(tmp_path):
+    """--full's runs (stage 3, then evaluation) go two at a time; a run's evaluation starts after the evaluation
+    of its seed's base (it compares with its hypotheses); every run is trained and evaluated once."""
+    proc, events = _fake_demo(tmp_path, 0.3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # seeds 0 and 1; layers: selected "0 1", all "0 1 2": Table 3's layer 0, layer 1, all; Table 4; En-Ja
+    keys = ["base", "aista", "layer0", "layer1", "all", "ctc", "cl", "base_ja", "aista_ja"]
+    runs = {f"{k}" if s == 0 else f"{k}_seed{s}" for k in keys for s in (0, 1)}
+    for what, prefix in (("train", "stage3_"), ("eval", "eval_")):
+        started = [run for e, w, run, _ in events if e == "start" and w == what]
+        assert sorted(started) == sorted(prefix + r for r in runs)
+    active, most = 0, 0
+    for e, _, _, _ in sorted(events, key=lambda e: e[3]):
+        active += 1 if e == "start" else -1
+        most = max(most, active)
+    assert most == 2
+    end = {(w, run): t for e, w, run, t in events if e == "end"}
+    for e, w, run, t in events:
+        if e == "start" and w == "eval" and "base" not in run:
+            seed = run.rsplit("_seed", 1)[1] if "_seed" in run else "0"
+            base = ("eval_base_ja" if run.startswith("eval_aista_ja") else "eval_base") + ("" if seed == "0" else f"_seed{seed}")
+            assert t >= end[("eval", base)], (run, base)
+    assert "a fake table" in proc.stdout and "Table 3" in proc.stdout and "En->Ja" in proc.stdout
+
+
+def test_a_failed_run_stops_the_demo_and_the_other_runs(tmp_path):
+    """One run fails: the demo stops with its exit status and the end of its log, and stops the run beside it."""
+    proc, events = _fake_demo(tmp_path, 3, fail="stage3_aista")
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "the run aista_seed0 failed (exit 7)" in proc.stderr and "fake failure of" in proc.stderr
+    for pid_file in (tmp_path / "out").glob("*.pid"):
+        pid = int(pid_file.read_text())
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert not any(w == "eval" and "aista" in run for _, w, run, _ in events)
