@@ -27,9 +27,10 @@ fallback) with a voice, variant, rate and pitch drawn per utterance from the see
 Every output is a pure function of the flags: two runs with the same seed write byte-identical
 manifests and the same audio samples, whatever --workers is (see EspeakLib for what that takes).
 A re-run skips audio files that already exist and decode; their names carry a hash of everything
-that made them, so a changed flag never reuses a stale file. Cost of the default corpus (3400
-utterances + 330 sounds, 1.85 h of audio, 147 MB of FLAC): about 31 CPU-seconds (~17 with
---no-fork), so under 20 s on two free cores; a re-run that finds everything takes ~6 s.
+that made them, so a changed flag never reuses a stale file. Cost of the default corpus (4600
+utterances + 330 sounds, 2.5 h of audio, 193 MB of FLAC): about 45 CPU-seconds (~9 ms an utterance; measured as
+78 CPU-s on a machine loaded ~5x, where CPU time runs ~1.7x long), so about 25 s on two free cores; a re-run that
+finds everything takes ~8 s.
 """
 import argparse
 import ctypes
