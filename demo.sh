@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AI-STA end to end on a CPU in under 10 minutes (2 cores): a toy spoken En->Zh/Ja corpus, tiny backbones that
+# AI-STA end to end on a CPU in about 9 minutes (2 cores): a toy spoken En->Zh/Ja corpus, tiny backbones that
 # know something (an LM that translates text, a CTC-pre-trained Whisper encoder), then the paper's three
 # stages and its evaluation, at toy scale. Every command is printed before it runs.
 #
@@ -10,8 +10,11 @@
 #                                # base, AI-STA, Table 3's layer choices, Table 4's CTC and contrastive
 #                                # baselines, En-Ja base and AI-STA, paired bootstrap against the same-seed base
 #
-# Time on a quiet 2-core machine (estimates from per-stage measurements; TIMING_ESTIMATES below): `bash demo.sh`
-# about 8 minutes from a fresh virtual environment (installs about 1.5 of them), `--full` about 55 minutes after it.
+# Time on a quiet 2-core machine, ESTIMATES (per-stage CPU times measured on a machine loaded ~5x, divided by the
+# 1.7 its CPU times ran long; +-15%): `bash demo.sh` about 9 minutes from a fresh virtual environment: installs
+# ~95 s, corpus ~25, backbones ~125, stage 1 ~60, stage 2 ~65, stage 3 and evaluation of base and AI-STA side by
+# side ~135, results ~10. `--full` after it about 42 minutes: 43 more runs of ~70-85 s of stage 3 and ~20-30 s
+# of evaluation each, two at a time.
 #
 # Reuse instead of rebuilding (e.g. while experimenting): CORPUS=dir and/or BACKBONES=dir point at the
 # outputs of an earlier demo/corpus.py / demo/backbones.py run. A stage whose final output already exists
@@ -85,6 +88,9 @@ else
     S2_PAIRS=500 PAIRS=200  # stage 2's candidates (chance MRR 0.014); pairs for the alignment degree and t-SNE
     S2_FLAGS=()
 fi
+# Sizes: 1000 test sentences (the paired bootstrap's power; decoding ST and MT of all of them costs ~15 s a run),
+# 500 stage-2 candidates (chance MRR 0.014, the paper's threshold 0.05 3.6x above it), 200 pairs for the alignment
+# degree (its mean varies by ~0.01 between seeds) and the t-SNE.
 # Steps are what the time budget allows (set by time, not by scores; learning is far from done). Stage 3 stops
 # early on the dev split's accuracy; nothing here was chosen on the test split. At equal utterances seen,
 # the stage-1 loss curve hardly moved with the learning rate (2e-3 .. 6e-3), the batch (8 or 16), the Q-Former

@@ -292,20 +292,37 @@ esac
 """
 
 
-def _fake_demo(tmp_path, seconds, fail="", jobs="2"):
-    """FULL=1 demo.sh over seeds 0 and 1 with FAKE_PIPELINE as python -> (process, [(event, what, run, time)])."""
+def _fake_env(tmp_path, seconds, fail=""):
+    """The environment of FULL=1 demo.sh over seeds 0 and 1 with FAKE_PIPELINE as python."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PIPELINE)
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"),
                EVENTS=str(tmp_path / "events"), FAKE_SECONDS=str(seconds), FAKE_FAIL=fail, FULL="1", SEEDS="0 1",
-               JOBS=jobs)
+               JOBS="2")
     env.pop("CORPUS", None), env.pop("BACKBONES", None), env.pop("QUICK", None)
-    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    events = [line.split() for line in (tmp_path / "events").read_text().splitlines()] \
-        if (tmp_path / "events").exists() else []
-    return proc, [(e, what, run, float(t)) for e, what, run, t in events]
+    return env
+
+
+def _events(tmp_path):
+    """[(start|end, train|eval, run folder, time)] that the faked stage-3 runs logged."""
+    if not (tmp_path / "events").exists():
+        return []
+    return [(e, w, run, float(t)) for e, w, run, t in map(str.split, (tmp_path / "events").read_text().splitlines())]
+
+
+def _fake_demo(tmp_path, seconds, fail=""):
+    """Run demo.sh on FAKE_PIPELINE to its end -> (process, events)."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=_fake_env(tmp_path, seconds, fail), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    return proc, _events(tmp_path)
+
+
+def _stopped(tmp_path):
+    """True when every faked joint_train.py that started has ended (its pid no longer runs, or is a zombie)."""
+    pids = [int(p.read_text()) for p in (tmp_path / "out").glob("*.pid")]
+    return pids and all(not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+                        for pid in pids)
 
 
 def test_stage3_runs_two_at_a_time_each_after_its_base(tmp_path):
@@ -338,7 +355,25 @@ def test_a_failed_run_stops_the_demo_and_the_other_runs(tmp_path):
     proc, events = _fake_demo(tmp_path, 3, fail="stage3_aista")
     assert proc.returncode == 7, proc.stdout + proc.stderr
     assert "the run aista_seed0 failed (exit 7)" in proc.stderr and "fake failure of" in proc.stderr
-    for pid_file in (tmp_path / "out").glob("*.pid"):
-        pid = int(pid_file.read_text())
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
-    assert not any(w == "eval" and "aista" in run for _, w, run, _ in events)
+    assert _stopped(tmp_path)
+    assert not any(w == "eval" and run == "eval_aista" for _, w, run, _ in events)
+
+
+def test_ctrl_c_stops_the_runs_in_the_background(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's foreground group, the demo's) also stops the runs in their own groups."""
+    import signal
+    import time
+    demo = subprocess.Popen(["bash", os.path.join(ROOT, "demo.sh")], env=_fake_env(tmp_path, 60), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.time()
+        while len(_events(tmp_path)) < 2 and time.time() - t0 < 60:  # both slots busy with a 60 s run
+            time.sleep(0.2)
+        assert len(_events(tmp_path)) == 2
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=30) == 130
+        time.sleep(0.5)
+        assert _stopped(tmp_path)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
