@@ -1,22 +1,25 @@
 """A tiny spoken English -> Chinese / Japanese corpus that builds itself on a laptop CPU.
 
-    python demo/corpus.py --out demo_out/corpus --seed 0 --n-train 3000 --n-dev 200 --n-test 200
+    python demo/corpus.py --out demo_out/corpus --seed 0 --n-train 3000 --n-dev 100 --n-test 1000 --n-retrieval 500
 
 What it makes (all paths in the manifests are relative to --out, where the manifests live):
 
-    audio/{train,dev,test,aac,aac_dev}/<id>-<hash>.flac   16 kHz mono, 16-bit
+    audio/{train,dev,test,retrieval,aac,aac_dev}/<id>-<hash>.flac   16 kHz mono, 16-bit
     asr_train.jsonl, asr_dev.jsonl            task asr  (stage 1)
     aac_train.jsonl, aac_dev.jsonl            task aac  (stage 1: captions of synthetic sounds)
     stage1_train.jsonl                        asr_train + aac_train, shuffled (one file for pretrain.py)
     st_zh_{train,dev,test}.jsonl              task st, tgt_lang zh (stage 3 and evaluation)
     st_ja_{train,dev,test}.jsonl              task st, tgt_lang ja
-    retrieval_test.jsonl                      task asr over the test utterances (stage 2)
+    retrieval.jsonl                           task asr over the retrieval split (stage 2; written if --n-retrieval > 0)
     text.txt                                  every train-split sentence (en, zh, ja) and caption
     meta.jsonl                                per-utterance synthesis parameters (voice, rate, ...)
     corpus.json                               counts, vocabulary sizes, seed, backend, seconds
 
 Sentences come from a small grammar (tables below) that renders each sentence in three languages
-from one structure, so every pair is an exact translation by construction. Speech is eSpeak NG
+from one structure, so every pair is an exact translation by construction. The four speech splits share no
+sentence. The retrieval split is held out from everything else, as the paper's stage-2 pairs (LibriSpeech
+test-clean) are from its training and test sets: the layers are chosen on neither the test split nor a
+sentence any stage trains on. Speech is eSpeak NG
 (the `espeakng-loader` wheel's libespeak-ng through ctypes, or the `espeak-ng` program as a
 fallback) with a voice, variant, rate and pitch drawn per utterance from the seeded RNG, resampled
 22050 -> 16000 Hz with soxr. Captioned sounds (tones, chirps, beeps, noise) are made with numpy.
@@ -24,9 +27,10 @@ fallback) with a voice, variant, rate and pitch drawn per utterance from the see
 Every output is a pure function of the flags: two runs with the same seed write byte-identical
 manifests and the same audio samples, whatever --workers is (see EspeakLib for what that takes).
 A re-run skips audio files that already exist and decode; their names carry a hash of everything
-that made them, so a changed flag never reuses a stale file. Cost of the default corpus (3400
-utterances + 330 sounds, 1.85 h of audio, 147 MB of FLAC): about 31 CPU-seconds (~17 with
---no-fork), so under 20 s on two free cores; a re-run that finds everything takes ~6 s.
+that made them, so a changed flag never reuses a stale file. Cost of the default corpus (4600
+utterances + 330 sounds, 2.5 h of audio, 193 MB of FLAC): about 45 CPU-seconds (~9 ms an utterance; measured as
+78 CPU-s on a machine loaded ~5x, where CPU time runs ~1.7x long), so about 25 s on two free cores; a re-run that
+finds everything takes ~8 s.
 """
 import argparse
 import ctypes
@@ -46,6 +50,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000
+SPEECH_SPLITS = ("train", "dev", "test", "retrieval")
 FORMAT_VERSION = 1  # bump when the rendering of audio changes, so old files are not reused
 
 # =====================================================================================
@@ -345,12 +350,14 @@ def sample_sentences(n, seed):
                        f"asked for {n} (lower --n-train/--n-dev/--n-test)")
 
 
-def make_splits(n_train, n_dev, n_test, seed):
-    """{"train": [...], "dev": [...], "test": [...]} of (en, zh, ja), disjoint by construction:
-    all sentences are drawn distinct first, then test takes the first n_test, dev the next."""
-    allsent = sample_sentences(n_train + n_dev + n_test, seed)
-    return {"test": allsent[:n_test], "dev": allsent[n_test:n_test + n_dev],
-            "train": allsent[n_test + n_dev:]}
+def make_splits(n_train, n_dev, n_test, seed, n_retrieval=0):
+    """{"train": [...], "dev": [...], "test": [...], "retrieval": [...]} of (en, zh, ja), disjoint by
+    construction: all sentences are drawn distinct first, then test takes the first n_test, dev the next
+    n_dev, train the next n_train and retrieval the rest (so --n-retrieval changes no other split)."""
+    allsent = sample_sentences(n_train + n_dev + n_test + n_retrieval, seed)
+    cut = [n_test, n_test + n_dev, n_test + n_dev + n_train]
+    return {"test": allsent[:cut[0]], "dev": allsent[cut[0]:cut[1]], "train": allsent[cut[1]:cut[2]],
+            "retrieval": allsent[cut[2]:]}
 
 
 def lexicon_words():
@@ -727,10 +734,10 @@ def write_jsonl(path, entries):
 def plan(args, backend="lib"):
     """Everything the corpus holds, without audio: utterances per split and sounds.
     backend ("lib" or "cli": their eSpeak versions differ) goes into the speech file hashes."""
-    splits = make_splits(args.n_train, args.n_dev, args.n_test, args.seed)
+    splits = make_splits(args.n_train, args.n_dev, args.n_test, args.seed, args.n_retrieval)
     vrng = random.Random(f"voices-{args.seed}")
     utts = {}
-    for split in ["train", "dev", "test"]:
+    for split in SPEECH_SPLITS:  # retrieval last: its voices leave those of the other splits as they were
         utts[split] = []
         for i, (en, zh, ja) in enumerate(splits[split]):
             job = {"id": f"{split}-{i:05d}", "text": en, "zh": zh, "ja": ja, "backend": backend,
@@ -748,7 +755,7 @@ def plan(args, backend="lib"):
     return utts
 
 
-def manifests(utts, retrieval_split, seed):
+def manifests(utts, seed):
     """{file name: entries} in the manifest format of the README (id, audio, task, text[, translation, tgt_lang])."""
     def asr(u):
         return {"id": u["id"], "audio": u["audio"], "task": "asr", "text": u["text"]}
@@ -770,7 +777,8 @@ def manifests(utts, retrieval_split, seed):
     for split in ["train", "dev", "test"]:
         for lang in ["zh", "ja"]:
             out[f"st_{lang}_{split}.jsonl"] = [st(u, lang) for u in utts[split]]
-    out[f"retrieval_{retrieval_split}.jsonl"] = [asr(u) for u in utts[retrieval_split]]
+    if utts["retrieval"]:
+        out["retrieval.jsonl"] = [asr(u) for u in utts["retrieval"]]
     return out
 
 
@@ -790,7 +798,7 @@ def build(args):
     t_audio = time.time() - t1
 
     counts = {}
-    for name, entries in manifests(utts, args.retrieval_split, args.seed).items():
+    for name, entries in manifests(utts, args.seed).items():
         counts[name] = write_jsonl(os.path.join(args.out, name), entries)
     train = utts["train"]
     captions = sorted({u["caption"] for u in utts["aac"]})
@@ -798,7 +806,7 @@ def build(args):
     write_atomic(os.path.join(args.out, "text.txt"), "\n".join(lines) + "\n")
     write_jsonl(os.path.join(args.out, "meta.jsonl"),
                 [{"id": u["id"], "audio": u["audio"], **u["voice"], "seconds": round(seconds[u["audio"]], 3)}
-                 for s in ("train", "dev", "test") for u in utts[s]])
+                 for s in SPEECH_SPLITS for u in utts[s]])
     summary = {
         "seed": args.seed, "sample_rate": SAMPLE_RATE, "format": args.format,
         "backend": backend.version,
@@ -824,12 +832,12 @@ def get_parser():
     p.add_argument("--out", default="demo_out/corpus", help="output folder (manifests at its root)")
     p.add_argument("--seed", type=int, default=0, help="sentences, voices and sounds all follow from it")
     p.add_argument("--n-train", type=int, default=3000, help="training utterances")
-    p.add_argument("--n-dev", type=int, default=200, help="dev utterances (distinct from train)")
-    p.add_argument("--n-test", type=int, default=200, help="test utterances (distinct from train and dev)")
+    p.add_argument("--n-dev", type=int, default=100, help="dev utterances (distinct from train)")
+    p.add_argument("--n-test", type=int, default=1000, help="test utterances (distinct from train and dev)")
     p.add_argument("--n-aac", type=int, default=300, help="captioned sounds for stage 1 training")
     p.add_argument("--n-aac-dev", type=int, default=30, help="captioned sounds for validation")
-    p.add_argument("--retrieval-split", choices=["dev", "test"], default="test",
-                   help="utterances of the stage-2 retrieval manifest")
+    p.add_argument("--n-retrieval", type=int, default=500,
+                   help="utterances of the stage-2 retrieval manifest, in no other split (0: no manifest)")
     p.add_argument("--format", choices=["flac", "wav"], default="flac", help="audio files, 16 kHz mono 16-bit")
     p.add_argument("--backend", choices=["auto", "lib", "cli"], default="auto",
                    help="lib = libespeak-ng from the espeakng-loader wheel, cli = the espeak-ng program")
@@ -848,11 +856,11 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    for flag in ("n_train", "n_dev", "n_test", "n_aac", "n_aac_dev"):
+    for flag in ("n_train", "n_dev", "n_test", "n_retrieval", "n_aac", "n_aac_dev"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.n_test + args.n_dev + args.n_train == 0:
-        raise SystemExit("--n-train, --n-dev and --n-test are all 0: nothing to build")
+    if args.n_test + args.n_dev + args.n_train + args.n_retrieval == 0:
+        raise SystemExit("--n-train, --n-dev, --n-test and --n-retrieval are all 0: nothing to build")
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
     for flag, (lo, hi) in (("--rate", args.rate), ("--pitch", args.pitch)):

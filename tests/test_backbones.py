@@ -16,7 +16,7 @@ from conftest import TINY_QFORMER, have_speech
 from demo import backbones, corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_CORPUS = ["--seed", "0", "--n-train", "40", "--n-dev", "8", "--n-test", "4", "--n-aac", "6",
+SMALL_CORPUS = ["--seed", "0", "--n-train", "40", "--n-dev", "8", "--n-test", "4", "--n-retrieval", "4", "--n-aac", "6",
                 "--n-aac-dev", "2", "--workers", "1"]
 # tiny budgets and sizes: seconds, not minutes
 SMALL_BUILD = ["--jobs", "1", "--threads", "1", "--eval-utts", "8", "--vocab-size", "800",

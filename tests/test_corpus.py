@@ -18,7 +18,8 @@ from demo import corpus
 from demo.corpus import NP, Sentence, render
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--seed", "0", "--n-train", "60", "--n-dev", "10", "--n-test", "10", "--n-aac", "20", "--n-aac-dev", "5"]
+SMALL = ["--seed", "0", "--n-train", "60", "--n-dev", "10", "--n-test", "10", "--n-retrieval", "12", "--n-aac", "20",
+         "--n-aac-dev", "5"]
 CONTRACT_KEYS = {"asr": {"id", "audio", "task", "text"}, "aac": {"id", "audio", "task", "text"},
                  "st": {"id", "audio", "task", "text", "translation", "tgt_lang"}}
 ZH_MEASURE_WORDS = {row[3] for row in corpus.NOUNS.values()}
@@ -103,15 +104,20 @@ def test_generated_sentences_follow_the_rules():
 
 
 def test_splits_are_disjoint_sized_and_deterministic():
-    a = corpus.make_splits(300, 40, 50, seed=0)
-    assert a == corpus.make_splits(300, 40, 50, seed=0)
-    assert a != corpus.make_splits(300, 40, 50, seed=1)
-    assert [len(a[s]) for s in ("train", "dev", "test")] == [300, 40, 50]
+    a = corpus.make_splits(300, 40, 50, seed=0, n_retrieval=30)
+    assert a == corpus.make_splits(300, 40, 50, seed=0, n_retrieval=30)
+    assert a != corpus.make_splits(300, 40, 50, seed=1, n_retrieval=30)
+    sizes = {"train": 300, "dev": 40, "test": 50, "retrieval": 30}
+    assert {s: len(a[s]) for s in a} == sizes
     for lang in range(3):  # English, Chinese and Japanese sides are all disjoint
         sets = {s: {t[lang] for t in a[s]} for s in a}
-        assert len(sets["train"]) == 300 and len(sets["dev"]) == 40 and len(sets["test"]) == 50
-        assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["dev"])
-        assert not (sets["dev"] & sets["test"])
+        assert {s: len(sets[s]) for s in sets} == sizes
+        for s in sets:
+            for t in sets:
+                assert s == t or not (sets[s] & sets[t]), (s, t)
+    # the retrieval split is drawn last: adding it leaves the other splits as they were
+    assert {s: v for s, v in a.items() if s != "retrieval"} == \
+        {s: v for s, v in corpus.make_splits(300, 40, 50, seed=0).items() if s != "retrieval"}
 
 
 def test_grammar_runs_out_with_a_clear_error(monkeypatch):
@@ -230,10 +236,10 @@ def test_manifests_follow_the_contract(built):
     out, summary = built
     names = manifest_files(out)
     assert names == sorted(["asr_train.jsonl", "asr_dev.jsonl", "aac_train.jsonl", "aac_dev.jsonl",
-                            "stage1_train.jsonl", "retrieval_test.jsonl"] +
+                            "stage1_train.jsonl", "retrieval.jsonl"] +
                            [f"st_{l}_{s}.jsonl" for l in ("zh", "ja") for s in ("train", "dev", "test")])
     expected = {"asr_train.jsonl": 60, "asr_dev.jsonl": 10, "aac_train.jsonl": 20, "aac_dev.jsonl": 5,
-                "stage1_train.jsonl": 80, "retrieval_test.jsonl": 10}
+                "stage1_train.jsonl": 80, "retrieval.jsonl": 12}
     entries = {}
     for name in names:
         rows = read_lines(out / name)
@@ -259,16 +265,18 @@ def test_manifests_follow_the_contract(built):
         assert [(r["audio"], r["text"]) for r in zh] == [(r["audio"], r["text"]) for r in ja]
     stage1 = entries["stage1_train.jsonl"]
     assert sorted(map(json.dumps, stage1)) == sorted(map(json.dumps, entries["asr_train.jsonl"] + entries["aac_train.jsonl"]))
-    assert [r["text"] for r in entries["retrieval_test.jsonl"]] == [r["text"] for r in entries["st_zh_test.jsonl"]]
-    # splits disjoint in the manifests too; text.txt holds train text only
+    # splits disjoint in the manifests too (stage 2's retrieval utterances in none of the others, as LibriSpeech
+    # test-clean is in none of the paper's training or test sets); text.txt holds train text only
     texts = {s: {r["text"] for r in entries[f"st_zh_{s}.jsonl"]} for s in ("train", "dev", "test")}
-    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["dev"])
+    texts["retrieval"] = {r["text"] for r in entries["retrieval.jsonl"]}
+    assert all(a == b or not (texts[a] & texts[b]) for a in texts for b in texts)
+    assert all(r["audio"].startswith("audio/retrieval/") for r in entries["retrieval.jsonl"])
     lines = set((out / "text.txt").read_text(encoding="utf-8").splitlines())
     for r in entries["st_zh_train.jsonl"] + entries["st_ja_train.jsonl"] + entries["aac_train.jsonl"]:
         assert r["text"] in lines and r.get("translation", r["text"]) in lines
-    for r in entries["st_zh_test.jsonl"] + entries["st_ja_test.jsonl"]:
-        assert r["text"] not in lines and r["translation"] not in lines
-    assert summary["utterances"] == {"train": 60, "dev": 10, "test": 10, "aac": 20, "aac_dev": 5}
+    for r in entries["st_zh_test.jsonl"] + entries["st_ja_test.jsonl"] + entries["retrieval.jsonl"]:
+        assert r["text"] not in lines and r.get("translation", r["text"]) not in lines
+    assert summary["utterances"] == {"train": 60, "dev": 10, "test": 10, "retrieval": 12, "aac": 20, "aac_dev": 5}
     assert json.loads((out / "corpus.json").read_text()) == summary
 
 
@@ -276,7 +284,7 @@ def test_manifests_follow_the_contract(built):
 def test_audio_is_16k_mono_plausible_and_not_silent(built):
     out, summary = built
     rows = read_lines(out / "stage1_train.jsonl") + read_lines(out / "st_zh_dev.jsonl") + \
-        read_lines(out / "st_zh_test.jsonl") + read_lines(out / "aac_dev.jsonl")
+        read_lines(out / "st_zh_test.jsonl") + read_lines(out / "retrieval.jsonl") + read_lines(out / "aac_dev.jsonl")
     total = {}
     for r in rows:
         info = sf.info(out / r["audio"])
@@ -320,7 +328,7 @@ def test_resume_skips_valid_files_and_remakes_broken_ones(built, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     audio = sorted(str(p.relative_to(copy)) for p in (copy / "audio").rglob("*.flac"))
-    assert len(audio) == 60 + 10 + 10 + 20 + 5
+    assert len(audio) == 60 + 10 + 10 + 12 + 20 + 5
     before = {p: os.stat(copy / p).st_mtime_ns for p in audio}
     broken, missing = audio[3], audio[-2]
     original = {p: sf.read(copy / p, dtype="int16")[0] for p in (broken, missing)}

@@ -39,13 +39,14 @@ def finite_number(x):
 def test_corpus_and_backbones(demo):
     out, _ = demo
     corpus = os.path.join(out, "corpus")
-    for name in ("asr_train", "aac_train", "retrieval_test", "st_zh_train", "st_zh_dev", "st_zh_test"):
+    for name in ("asr_train", "aac_train", "retrieval", "st_zh_train", "st_zh_dev", "st_zh_test", "st_ja_test"):
         rows = read_jsonl(os.path.join(corpus, f"{name}.jsonl"))
         assert rows, name
         assert all(os.path.exists(os.path.join(corpus, r["audio"])) for r in rows), name
-    test_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_test.jsonl"))}
-    train_src = {r["text"] for r in read_jsonl(os.path.join(corpus, "st_zh_train.jsonl"))}
-    assert not test_src & train_src  # no test sentence in train
+    src = {name: {r["text"] for r in read_jsonl(os.path.join(corpus, f"{name}.jsonl"))}
+           for name in ("st_zh_test", "st_zh_dev", "st_zh_train", "retrieval")}
+    for a in src:  # no sentence in two splits: stage 2 chooses layers on sentences no other stage sees
+        assert all(a == b or not src[a] & src[b] for b in src), a
     bb = os.path.join(out, "backbones")
     with open(os.path.join(bb, "backbones.json")) as f:
         info = json.load(f)
@@ -196,6 +197,10 @@ def test_printed_commands_and_table(demo):
     with open(os.path.join(out, "timing.txt")) as f:
         timing = f.read()
     assert re.search(r"total\s+\d+ s", timing)
+    for key in ("base", "aista"):  # the two stage-3 runs went side by side, each with its log
+        assert re.search(rf"stage 3: {key}, seed 0\s+\d+ s", timing) and f"[stage 3: {key}, seed 0]" in stdout
+        with open(os.path.join(out, "logs", f"{key}_seed0.log")) as f:
+            assert "done at step" in f.read()  # joint_train.py's last line
 
 
 def test_no_program_text_in_demo_sh():
@@ -207,3 +212,169 @@ def test_no_program_text_in_demo_sh():
     snippets = [variables.get(s[1:], s) if s.startswith("$") else s for s in re.findall(r"\$PY -c \"([^\"]*)\"", text)]
     assert snippets and all(s.startswith("import ") for s in snippets), snippets
     assert len(re.findall(r"\$PY -c", text)) == len(snippets)
+
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# python for demo.sh's install step: a snippet that imports torch runs against a fake torch package, pip and
+# the other import checks only record their call, and the first stage (the corpus) ends the demo with rc 3
+echo "$*" >> "$CALLS"
+case "$1 $2" in
+    "-c "*torch*) PYTHONPATH="$FAKE_TORCH_DIR" exec "$REAL_PYTHON" "$@" ;;
+    "-m pip" | "-c "*) ;;
+    *) exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("torch_version, pip_torch", [("2.13.0+cpu", False), ("2.3.1+cu121", False),
+                                                      ("2.5.0a0+git1234", False), (None, True)])
+def test_install_keeps_any_supported_torch(tmp_path, torch_version, pip_torch):
+    """demo.sh installs torch only when none is importable (then the range of requirements.txt), and uses any
+    torch in that range as it is: a lab node's CUDA build is not replaced."""
+    calls, _ = _run_install_step(tmp_path, torch_version)
+    pips = [c for c in calls if c.startswith("-m pip")]
+    assert pips == (["-m pip install -q torch>=2.3,<3"] if pip_torch else []), calls
+    assert any("corpus.py" in c for c in calls)  # went on to the corpus
+
+
+@pytest.mark.parametrize("torch_version", ["2.1.2+cu118", "1.13.1", "3.0.0"])
+def test_install_refuses_torch_outside_the_range(tmp_path, torch_version):
+    calls, proc = _run_install_step(tmp_path, torch_version, rc=1)
+    assert not any(c.startswith("-m pip") for c in calls), calls
+    assert f"torch {torch_version} is installed" in proc.stderr and "torch>=2.3,<3" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no trace
+
+
+def _run_install_step(tmp_path, torch_version, rc=3):
+    """demo.sh with FAKE_PYTHON as its python and a fake torch of this version (None: import torch fails)
+    -> (the python calls it made, the process)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "fake" / "torch").mkdir(parents=True)
+    (tmp_path / "fake" / "torch" / "__init__.py").write_text(
+        f"__version__ = {torch_version!r}" if torch_version else "raise ImportError('no torch here')")
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_TORCH_DIR=str(tmp_path / "fake"),
+               OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"))
+    env.pop("CORPUS", None), env.pop("BACKBONES", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    return (tmp_path / "calls").read_text().splitlines(), proc
+
+
+FAKE_PIPELINE = """#!/usr/bin/env bash
+# python for demo.sh with every stage faked: each writes the output demo.sh looks for; joint_train.py and evaluate.py
+# log when they start and end (and joint_train.py sleeps, or fails for the run named in $FAKE_FAIL)
+echo "$*" >> "$CALLS"
+out=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --output-dir ]] && out=${args[i + 1]}; done
+stamp() { echo "$1 $2 $(basename "$out") $(date +%s.%N)" >> "$EVENTS"; }
+case "$1 $2" in
+    "-c import torch; print(torch.__version__)") echo 2.13.0 ;;
+    "-c "*) ;;
+    "demo/backbones.py --layers") [[ $4 == all ]] && echo 0 1 2 || echo 0 1 ;;
+    "demo/backbones.py --corpus") [[ $6 == --short-whisper ]] && mkdir -p "$7" || { mkdir -p "$5"; touch "$5/backbones.json"; } ;;
+    pretrain.py*) mkdir -p "$out"; touch "$out/last.safetensors" ;;
+    select_layers.py*) mkdir -p "$out"; touch "$out/layers.json" "$out/mrr_per_layer.png" ;;
+    joint_train.py*)
+        stamp start train
+        echo $$ > "$out.pid"
+        sleep "$FAKE_SECONDS"
+        [[ $(basename "$out") == "$FAKE_FAIL" ]] && { echo "fake failure of $out"; exit 7; }
+        mkdir -p "$out"; touch "$out/best.safetensors"
+        stamp end train ;;
+    evaluate.py*)
+        if [[ -n $out ]]; then stamp start eval; mkdir -p "$out"; touch "$out/metrics.json"; stamp end eval
+        else echo "| a fake table |"; fi ;;
+esac
+"""
+
+
+def _fake_env(tmp_path, seconds, fail=""):
+    """The environment of FULL=1 demo.sh over seeds 0 and 1 with FAKE_PIPELINE as python."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PIPELINE)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"),
+               EVENTS=str(tmp_path / "events"), FAKE_SECONDS=str(seconds), FAKE_FAIL=fail, FULL="1", SEEDS="0 1",
+               JOBS="2")
+    env.pop("CORPUS", None), env.pop("BACKBONES", None), env.pop("QUICK", None)
+    return env
+
+
+def _events(tmp_path):
+    """[(start|end, train|eval, run folder, time)] that the faked stage-3 runs logged."""
+    if not (tmp_path / "events").exists():
+        return []
+    return [(e, w, run, float(t)) for e, w, run, t in map(str.split, (tmp_path / "events").read_text().splitlines())]
+
+
+def _fake_demo(tmp_path, seconds, fail=""):
+    """Run demo.sh on FAKE_PIPELINE to its end -> (process, events)."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=_fake_env(tmp_path, seconds, fail), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    return proc, _events(tmp_path)
+
+
+def _stopped(tmp_path):
+    """True when every faked joint_train.py that started has ended (its pid no longer runs, or is a zombie)."""
+    pids = [int(p.read_text()) for p in (tmp_path / "out").glob("*.pid")]
+    return pids and all(not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+                        for pid in pids)
+
+
+def test_stage3_runs_two_at_a_time_each_after_its_base(tmp_path):
+    """--full's runs (stage 3, then evaluation) go two at a time; a run's evaluation starts after the evaluation
+    of its seed's base (it compares with its hypotheses); every run is trained and evaluated once."""
+    proc, events = _fake_demo(tmp_path, 0.3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # seeds 0 and 1; layers: selected "0 1", all "0 1 2": Table 3's layer 0, layer 1, all; Table 4; En-Ja
+    keys = ["base", "aista", "layer0", "layer1", "all", "ctc", "cl", "base_ja", "aista_ja"]
+    runs = {f"{k}" if s == 0 else f"{k}_seed{s}" for k in keys for s in (0, 1)}
+    for what, prefix in (("train", "stage3_"), ("eval", "eval_")):
+        started = [run for e, w, run, _ in events if e == "start" and w == what]
+        assert sorted(started) == sorted(prefix + r for r in runs)
+    active, most = 0, 0
+    for e, _, _, _ in sorted(events, key=lambda e: e[3]):
+        active += 1 if e == "start" else -1
+        most = max(most, active)
+    assert most == 2
+    end = {(w, run): t for e, w, run, t in events if e == "end"}
+    for e, w, run, t in events:
+        if e == "start" and w == "eval" and "base" not in run:
+            seed = run.rsplit("_seed", 1)[1] if "_seed" in run else "0"
+            base = ("eval_base_ja" if run.startswith("eval_aista_ja") else "eval_base") + ("" if seed == "0" else f"_seed{seed}")
+            assert t >= end[("eval", base)], (run, base)
+    assert "a fake table" in proc.stdout and "Table 3" in proc.stdout and "En->Ja" in proc.stdout
+
+
+def test_a_failed_run_stops_the_demo_and_the_other_runs(tmp_path):
+    """One run fails: the demo stops with its exit status and the end of its log, and stops the run beside it."""
+    proc, events = _fake_demo(tmp_path, 3, fail="stage3_aista")
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "the run aista_seed0 failed (exit 7)" in proc.stderr and "fake failure of" in proc.stderr
+    assert _stopped(tmp_path)
+    assert not any(w == "eval" and run == "eval_aista" for _, w, run, _ in events)
+
+
+def test_ctrl_c_stops_the_runs_in_the_background(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's foreground group, the demo's) also stops the runs in their own groups."""
+    import signal
+    import time
+    demo = subprocess.Popen(["bash", os.path.join(ROOT, "demo.sh")], env=_fake_env(tmp_path, 60), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.time()
+        while len(_events(tmp_path)) < 2 and time.time() - t0 < 60:  # both slots busy with a 60 s run
+            time.sleep(0.2)
+        assert len(_events(tmp_path)) == 2
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=30) == 130
+        time.sleep(0.5)
+        assert _stopped(tmp_path)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
