@@ -44,7 +44,8 @@ class ModelConfig:
                                            "safe loader refuses an object in it: runs code from the file, so only for "
                                            "a file you trust")
     llm: str = _flag("Qwen/Qwen2-7B", "LLM dir or hub id (paper: Qwen2-7B or Vicuna-13B-v1.1)")
-    llm_dtype: str = _flag("bfloat16", "dtype of the frozen LLM", choices=list(DTYPES))
+    llm_dtype: str = _flag("bfloat16", "dtype of the frozen LLM; training (pretrain.py, joint_train.py) refuses "
+                                      "float16 (no loss scaling)", choices=list(DTYPES))
     template: str = _flag("auto", "prompt template; auto: llama -> vicuna (SALMONN), qwen2 -> qwen2 (Qwen2-Audio)",
                           choices=["auto", *TEMPLATES])
     speech_tokens: str = _flag("all", "all: always 88 speech tokens (SALMONN); real: only windows overlapping real "

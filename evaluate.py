@@ -6,12 +6,14 @@ results.py; the per-rank files of a sharded, resumable evaluation are shards.py.
 
 The paper's measurements (CoVoST 2 test manifests from prepare_data.py, checkpoints from the stage scripts):
 
-    Table 2, 3, 4 (ST BLEU)   python evaluate.py --ckpt runs/stage3/best.safetensors --manifest covost/test.en_zh.jsonl
+    Table 2, 3, 4 (ST BLEU)   python evaluate.py --ckpt runs/aista-zh/best.safetensors \\
+                                  --manifest data/covost/covost2.en-zh.test.jsonl --output-dir runs/aista-zh/eval-test
     Table 5 (ST and MT BLEU)  python evaluate.py --ckpt ... --manifest ... --mode st mt
-    significance vs base      python evaluate.py --ckpt ... --manifest ... --baseline-hyps runs/base/eval/test.en_zh
+    significance vs base      python evaluate.py --ckpt ... --manifest ... --baseline-hyps runs/base-zh/eval-test
     Figure 6 (alignment)      python evaluate.py --ckpt ... --manifest ... --alignment 0 1 --num-pairs 1000
     Figure 5 (t-SNE)          python evaluate.py --ckpt ... --manifest ... --tsne fig5.png --tsne-base BASE_CKPT
-    one table, several runs   python evaluate.py --table base*/eval/test/metrics.json sta*/eval/test/metrics.json
+    one table, several runs   python evaluate.py --table runs/base-zh/eval-test/metrics.json \\
+                                  runs/aista-zh/eval-test/metrics.json
     Figure 6 from the runs    python evaluate.py --table ... --fig6 fig6.png
     Figure 4 as a table       python evaluate.py --mrr runs/stage2/layers.json
     score a hypotheses file   python evaluate.py --hyps hyps.st.jsonl [--baseline base.st.jsonl] [--tgt-lang zh]

@@ -36,8 +36,8 @@ weights are in best.safetensors. Paper (appendix A.1): as stage 1 but 3k warm-up
 count. --max-steps only bounds the run and sets the cosine horizon (not from the paper).
 
     torchrun --nproc_per_node 8 joint_train.py --init runs/stage1/last.safetensors \\
-        --layers-from runs/stage2/layers.json --train covost_en_zh_train.jsonl --dev covost_en_zh_dev.jsonl \\
-        --output-dir runs/stage3
+        --layers-from runs/stage2/layers.json --train data/covost/covost2.en-zh.train.jsonl \\
+        --dev data/covost/covost2.en-zh.dev.jsonl --output-dir runs/aista-zh
 """
 import argparse
 import json

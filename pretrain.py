@@ -25,7 +25,8 @@ share x max-steps x batch-size / entries) and args.json records it under "mix". 
 its clips as the table does):
 
     torchrun --nproc_per_node 8 pretrain.py --output-dir runs/stage1 \\
-        --train librispeech_train.jsonl gigaspeech_m.jsonl wavcaps.jsonl audiocaps.jsonl clotho.jsonl:0.2 \\
+        --train data/librispeech_train.jsonl data/gigaspeech_m.jsonl data/wavcaps.jsonl data/audiocaps_train.jsonl \\
+                data/clotho_dev.jsonl:0.2 \\
         --llm Qwen/Qwen2-7B --whisper openai/whisper-large-v2 --beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt
 
 Output (--output-dir): last.safetensors (+ .json) -- the stage-2/3 --init --, checkpoint.pt (--resume),

@@ -27,7 +27,7 @@ the table on stdout. The 2N forwards keep every layer's states in CPU memory (re
 LLM's dtype), so N = 1000 x 29 layers of a 7B model fit; the N x N problems of a layer run on --device in
 blocks with a progress bar.
 
-    python select_layers.py --init runs/stage1/last.safetensors --manifest librispeech_test_clean.jsonl \\
+    python select_layers.py --init runs/stage1/last.safetensors --manifest data/librispeech_test_clean.jsonl \\
         --output-dir runs/stage2
 """
 import argparse
