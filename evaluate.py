@@ -366,8 +366,22 @@ def run(args):
     """The model path: decode (--manifest or --audio), score, alignment degree, Figure 5; rank 0 writes and prints."""
     entries = read_entries(args)
     baselines = check_before_loading(args, entries)
-    out_dir = None if args.audio else args.output_dir or os.path.join(
-        os.path.dirname(os.path.abspath(args.ckpt)), "eval", os.path.splitext(os.path.basename(args.manifest))[0])
+    out_dir = None if args.audio else args.output_dir or default_output_dir(args.ckpt, args.manifest)
+    with runtime.folder_lock(out_dir):  # one evaluation per folder: another would remove the partial files
+        return evaluate_into(args, entries, baselines, out_dir)
+
+
+def default_output_dir(ckpt, manifest):
+    """<ckpt folder>/eval/<ckpt name>.<manifest name>-<8 hex digits of a hash of both absolute paths>: the name
+    says what was evaluated, the hash keeps apart same-named manifests in different folders (zh/test.jsonl,
+    ja/test.jsonl) and best/last checkpoints of one run."""
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]
+    key = hashlib.sha1("\n".join(map(os.path.abspath, (ckpt, manifest))).encode()).hexdigest()[:8]
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval", f"{stem(ckpt)}.{stem(manifest)}-{key}")
+
+
+def evaluate_into(args, entries, baselines, out_dir):
+    """run() in its output folder (None: --audio, stdout only)."""
     modes = [m for m in args.mode if m != "none"]
     with runtime.process_group(args.dist_timeout) as (rank, world, device):  # nccl on GPUs, gloo on CPUs
         if out_dir is not None:
@@ -376,7 +390,7 @@ def run(args):
         layers = alignment_layers(args, lsm)
         decoded = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
         if out_dir is not None and modes:  # every rank: the closing barrier must not wait on any decoding
-            decoded = shards.wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
+            decoded = shards.wait_for_partial(out_dir, modes, len(entries), args.skip_bad, wait=world > 1)
         reps = base_reps = None
         if layers:
             pairs = sample_pairs(entries, decoded, args)
@@ -799,7 +813,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="sampling of the pairs; t-SNE")
     config.add_alignment_args(g)
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<manifest name>)")
+    g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<ckpt name>."
+                                        "<manifest name>-<hash of both paths>; printed at the end)")
     g.add_argument("--name", help="row name in the summary table (default: the --ckpt path); runs of one system "
                                   "over several seeds share it")
     g.add_argument("--fig6", metavar="FILE.png", help="with --table: Figure 6, ST BLEU against the alignment degree "
