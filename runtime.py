@@ -60,11 +60,72 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
+        if isinstance(action.type, Range) and action.help is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            text = action.help.replace("(default: %(default)s)", "").strip()
+            action.help = f"{text} [{action.type.describe()}]".strip()
         super().add_argument(action)
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+class Range:
+    """argparse type of a numeric flag: an int, or a finite float, within bounds (gt / ge / lt / le); anything else
+    stops the parse with the allowed range (argparse names the flag: `error: argument --lr: expected a number > 0,
+    got '0'`), before any model loads. --help shows the range."""
+
+    def __init__(self, kind, *, gt=None, ge=None, lt=None, le=None):
+        self.kind, self.gt, self.ge, self.lt, self.le = kind, gt, ge, lt, le
+
+    def describe(self):
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        what = "an integer" if self.kind is int else "a number"
+        if low and high:
+            return f"{what} in {low}, {high}"
+        bound = (f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None
+                 else f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else "")
+        return f"{what} {bound}".strip()
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not self.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+    def holds(self, v):
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+
+POSITIVE_INT, COUNT = Range(int, ge=1), Range(int, ge=0)  # >= 1 (sizes, periods), >= 0 (workers, seeds, steps)
+POSITIVE, NON_NEGATIVE = Range(float, gt=0), Range(float, ge=0)
+
+
+def device_flag(text):
+    """argparse type of --device: cpu, cuda or cuda:N of a GPU this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    n = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (n == 0 or (device.index or 0) >= n):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has " + (
+            f"{n} CUDA device(s): cuda:0 .. cuda:{n - 1}" if n else "no CUDA device; use cpu"))
+    return text
+
+
+def distinct(parser, name, values):
+    """Refuse a list flag that names a value twice (--layers 0 0 1 would count layer 0 twice)."""
+    if values is not None and len(set(values)) != len(values):
+        parser.error(f"argument {flag(name)}: a value is given twice: {' '.join(map(str, values))}")
 
 
 USER_ERRORS = (data.UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)

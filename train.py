@@ -84,40 +84,40 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
                         "them) or apply (train with the new values from the resumed step on: schedule, every optimizer "
                         "group; recorded in args.json and metrics.jsonl). --seed, --batch-size, --train, --epoch-size, "
                         "--align and --init can never change")
-    g.add_argument("--seed", type=int, default=42, help="initialisation, data order and dropout")
-    g.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
-    g.add_argument("--warmup-start-lr", type=float, default=1e-6, help="learning rate at step 0")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warm-up steps")
-    g.add_argument("--max-steps", type=int, default=max_steps,
+    g.add_argument("--seed", type=runtime.COUNT, default=42, help="initialisation, data order and dropout")
+    g.add_argument("--lr", type=runtime.POSITIVE, default=3e-5, help="peak learning rate")
+    g.add_argument("--warmup-start-lr", type=runtime.NON_NEGATIVE, default=1e-6, help="learning rate at step 0")
+    g.add_argument("--min-lr", type=runtime.NON_NEGATIVE, default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=runtime.COUNT, default=warmup_steps, help="linear warm-up steps")
+    g.add_argument("--max-steps", type=runtime.POSITIVE_INT, default=max_steps,
                    help="optimiser steps" + ("" if not validation else
                                             " at most (cosine horizon; early stopping usually ends sooner)"))
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/1-d)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--batch-size", type=int, default=32,
+    g.add_argument("--weight-decay", type=runtime.NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on biases/norms/1-d)")
+    g.add_argument("--adam-betas", type=runtime.Range(float, ge=0, lt=1), nargs=2, default=[0.9, 0.999])
+    g.add_argument("--adam-eps", type=runtime.POSITIVE, default=1e-8)
+    g.add_argument("--batch-size", type=runtime.POSITIVE_INT, default=32,
                    help="GLOBAL batch = per-device batch x grad accumulation x number of processes")
-    g.add_argument("--per-device-batch-size", type=int, default=None,
+    g.add_argument("--per-device-batch-size", type=runtime.POSITIVE_INT, default=None,
                    help="micro-batch per process (None: batch-size / (grad-accum x processes))")
-    g.add_argument("--grad-accum", type=int, default=None,
+    g.add_argument("--grad-accum", type=runtime.POSITIVE_INT, default=None,
                    help="micro-batches accumulated per step (None: batch-size / (per-device x processes))")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--grad-clip", type=runtime.NON_NEGATIVE, default=0.0, help="clip the gradient norm to this (0: no clipping)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="autocast dtype of the forward (paper: bf16; float32 = no autocast)")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl row every N steps")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    g.add_argument("--save-every", type=runtime.POSITIVE_INT, default=1000, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--log-every", type=runtime.POSITIVE_INT, default=10, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--num-workers", type=runtime.COUNT, default=4, help="DataLoader worker processes per rank")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip broken manifest lines and unreadable audio instead of stopping (both are counted)")
-    g.add_argument("--max-bad-steps", type=int, default=5,
+    g.add_argument("--max-bad-steps", type=runtime.POSITIVE_INT, default=5,
                    help="stop after this many bad steps in a row (non-finite, or --max-weight-growth exceeded)")
-    g.add_argument("--max-weight-growth", type=float, default=2.0,
+    g.add_argument("--max-weight-growth", type=runtime.Range(float, gt=1), default=2.0,
                    help="a step whose update multiplies the norm of the trainable weights by more than this (over the "
                         "last good step's) is bad: the weights are blowing up before the loss turns non-finite. An "
                         "AdamW step moves each weight by about --lr, so a sane run grows the norm by well under 1%% per "
                         "step")
-    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+    g.add_argument("--dist-timeout", type=runtime.POSITIVE, default=60.0, metavar="MINUTES",
                    help="torchrun: a collective that waits longer than this for another process ends the run with an "
                         "error (a dead or stuck rank) instead of hanging. Long enough for the slowest rank to load a "
                         "13B model from a shared filesystem and for a checkpoint write or a validation pass, which "
@@ -125,12 +125,12 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
     g.add_argument("--instructions", default=None,
                    help="JSON file of alternative instructions per task, one drawn per item: this project's format "
                         "or SALMONN's prompts/train_prompt.json (data.Instructions; None: the fixed ones)")
-    g.add_argument("--stop-after-steps", type=int, default=0,
+    g.add_argument("--stop-after-steps", type=runtime.COUNT, default=0,
                    help="testing: stop after N steps of this run WITHOUT a checkpoint, as a kill would (0: off)")
     if validation:
         g.add_argument("--dev", default=None, help="dev manifest: validation (teacher-forced accuracy and loss)")
-        g.add_argument("--eval-every", type=int, default=3000, help="validate every N steps")
-        g.add_argument("--patience", type=int, default=4,
+        g.add_argument("--eval-every", type=runtime.POSITIVE_INT, default=3000, help="validate every N steps")
+        g.add_argument("--patience", type=runtime.COUNT, default=4,
                        help="stop after this many validations in a row without a new best accuracy (0: never)")
     return parser
 

@@ -238,3 +238,88 @@ def test_output_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path) if name != ".lock"}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+# ----------------------------------------------------------------------------- flag values
+
+
+TRAIN = ["--train", "t.jsonl", "--output-dir", "o"]
+STAGE3 = ["--init", "w.safetensors", *TRAIN]
+STAGE2 = ["--init", "w.safetensors", "--manifest", "m.jsonl", "--output-dir", "o"]
+BAD_FLAGS = [  # (script, arguments, the start of the one error line's message)
+    ("pretrain", ["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
+    ("pretrain", ["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    ("pretrain", ["--log-every", "0"], "argument --log-every: expected an integer >= 1"),
+    ("pretrain", ["--save-every", "0"], "argument --save-every: expected an integer >= 1"),
+    ("pretrain", ["--adam-betas", "1.5", "0.999"], "argument --adam-betas: expected a number in [0, 1), got '1.5'"),
+    ("pretrain", ["--num-workers", "-1"], "argument --num-workers: expected an integer >= 0"),
+    ("pretrain", ["--epoch-size", "-4"], "argument --epoch-size: expected an integer >= 1"),
+    ("pretrain", ["--weight-decay", "-1"], "argument --weight-decay: expected a number >= 0"),
+    ("pretrain", ["--qformer-heads", "0"], "argument --qformer-heads: expected an integer >= 1"),
+    ("pretrain", ["--lora-dropout", "1"], "argument --lora-dropout: expected a number in [0, 1)"),
+    ("joint_train", ["--eval-every", "0"], "argument --eval-every: expected an integer >= 1"),
+    ("joint_train", ["--ot-eps", "0"], "argument --ot-eps: expected a number >= 0.0001"),
+    ("joint_train", ["--ot-eps", "1e-8"], "argument --ot-eps: expected a number >= 0.0001"),
+    ("joint_train", ["--ot-iters", "0"], "argument --ot-iters: expected an integer >= 1"),
+    ("joint_train", ["--alpha", "2"], "argument --alpha: expected a number in [0, 1], got '2'"),
+    ("joint_train", ["--cl-temperature", "0"], "argument --cl-temperature: expected a number > 0"),
+    ("joint_train", ["--layers", "0", "0", "1"], "argument --layers: a value is given twice: 0 0 1"),
+    ("select_layers", ["--ot-eps", "0"], "argument --ot-eps: expected a number >= 0.0001"),
+    ("select_layers", ["--chunk-size", "0"], "argument --chunk-size: expected an integer >= 1"),
+    ("select_layers", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    ("select_layers", ["--rows", "0"], "argument --rows: expected an integer >= 1"),
+    ("select_layers", ["--threshold", "nan"], "argument --threshold: expected a number in [0, 1), got 'nan'"),
+    ("select_layers", ["--num-pairs", "1"], "argument --num-pairs: expected an integer >= 2"),
+    ("evaluate", ["--audio", "f.wav", "--ckpt", "w", "--tgt-lang", "xx"], "argument --tgt-lang: unknown target "
+                                                                         "language 'xx'"),
+    ("evaluate", ["--hyps", "."], "argument --hyps: . is a folder; expected a file"),
+    ("evaluate", ["--manifest", "m", "--ckpt", "w", "--num-workers", "-1"], "argument --num-workers: expected an "
+                                                                           "integer >= 0"),
+    ("evaluate", ["--manifest", "m", "--ckpt", "w", "--limit", "-1"], "argument --limit: expected an integer >= 1"),
+    ("evaluate", ["--manifest", "m", "--ckpt", "w", "--alignment", "1", "1"], "argument --alignment: a value is "
+                                                                              "given twice"),
+    ("gpu_plan", ["--measure-layers", "1"], "argument --measure-layers: give at least 2 depths"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD_FLAGS, ids=[" ".join(c[1]) for c in BAD_FLAGS])
+def test_a_bad_flag_value_is_one_line_before_any_model_loads(script, argv, message, capsys, monkeypatch):
+    """main() stops at the flags: the files named above do not exist, and nothing is loaded."""
+    import importlib
+    module = importlib.import_module(script)
+    monkeypatch.setattr("model.LSM.from_trainable", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = {"pretrain": TRAIN, "joint_train": STAGE3, "select_layers": STAGE2}.get(script, [])
+    with pytest.raises(SystemExit) as e:
+        module.main(base + argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and ": error: " + message in err, err
+
+
+def test_select_layers_refuses_a_device_this_machine_lacks(capsys):
+    import select_layers
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(SystemExit):
+        select_layers.parser().parse_args(STAGE2 + ["--device", f"cuda:{n}"])
+    assert f"argument --device: 'cuda:{n}': this machine has " in capsys.readouterr().err
+
+
+def test_help_shows_every_range():
+    import joint_train
+    text = " ".join(joint_train.parser().format_help().split())
+    for piece in ("--lr LR peak learning rate [a number > 0] (default: 3e-05)", "[a number in [0, 1]] (default: 0.99)",
+                  "--qformer-heads QFORMER_HEADS [an integer >= 1] (default: 12)"):
+        assert piece in text, piece
+
+
+def test_gpu_plan_refuses_a_fit_from_a_single_depth():
+    """Steps at one LLM depth (two batch sizes: as many points as unknowns after the fallback) cannot tell the
+    per-layer term from the per-sample one: refused instead of a plan off by 2.5x."""
+    import gpu_plan
+    w, u, v = 3e8, 2e8, 5e7
+    points = [dict(batch=B, llm_layers=1, activation_bytes=w + B * (u + v)) for B in (1, 2)]
+    with pytest.raises(ValueError, match=r"needs measured steps at 2 or more LLM depths, got only \[1\]"):
+        gpu_plan.fit_activations(points)
+    points += [dict(batch=1, llm_layers=4, activation_bytes=w + u + 4 * v),
+               dict(batch=4, llm_layers=1, activation_bytes=w + 4 * (u + v))]
+    fit = gpu_plan.fit_activations(points)  # the deepest point is needed, so it is not held out
+    assert "held_out" not in fit and fit["v"] == pytest.approx(v, rel=1e-9) and fit["u"] == pytest.approx(u, rel=1e-9)

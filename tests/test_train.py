@@ -570,10 +570,10 @@ def test_pretrain_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--lr LR peak learning rate (default: 3e-05)", "(default: 1e-06)", "(default: 1e-05)",
-                 "--warmup-steps WARMUP_STEPS linear warm-up steps (default: 9000)", "(default: 80000)",
-                 "--weight-decay WEIGHT_DECAY", "(default: 0.05)", "--lora-r LORA_R (default: 8)",
-                 "--lora-alpha LORA_ALPHA (default: 32)", "--lora-dropout LORA_DROPOUT (default: 0.1)",
+    for flag in ("--lr LR peak learning rate [a number > 0] (default: 3e-05)", "(default: 1e-06)", "(default: 1e-05)",
+                 "--warmup-steps WARMUP_STEPS linear warm-up steps [an integer >= 0] (default: 9000)", "(default: 80000)",
+                 "--weight-decay WEIGHT_DECAY", "(default: 0.05)", "--lora-r LORA_R [an integer >= 1] (default: 8)",
+                 "--lora-alpha LORA_ALPHA [an integer >= 1] (default: 32)", "--lora-dropout LORA_DROPOUT [a number in [0, 1)] (default: 0.1)",
                  "--batch-size BATCH_SIZE GLOBAL batch", "(default: 32)", "--resume", "--gradient-checkpointing"):
         assert flag in text, flag
 
