@@ -864,7 +864,7 @@ def main(argv=None):
 
 def print_table(args):
     """--table [--fig6]: the summary table of the metrics.json files (and Figure 6) -> their contents."""
-    runs = [results.read_metrics(path) for path in args.table]
+    runs = results.read_all_metrics(args.table)
     if args.fig6:
         results.plot_libs()
     print(results.summary_table(runs))

@@ -83,9 +83,10 @@ class PartialWriter:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, records):
-        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        with runtime.writing(self.f.name):  # a full disk: one line naming the file (a cut line is ignored on resume)
+            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.f.flush()
+            os.fsync(self.f.fileno())
 
     def close(self):
         self.f.close()

@@ -323,3 +323,19 @@ def test_gpu_plan_refuses_a_fit_from_a_single_depth():
                dict(batch=4, llm_layers=1, activation_bytes=w + 4 * (u + v))]
     fit = gpu_plan.fit_activations(points)  # the deepest point is needed, so it is not held out
     assert "held_out" not in fit and fit["v"] == pytest.approx(v, rel=1e-9) and fit["u"] == pytest.approx(u, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- --table
+
+
+def test_table_refuses_a_file_given_twice_and_a_layers_json(tmp_path, capsys):
+    import evaluate as E
+    m = tmp_path / "metrics.json"
+    m.write_text(json.dumps(dict(name="base", bleu={"st": {"zh": {"score": 40.0}}})))
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps(dict(mrr={"0": 0.5}, selected=[0], threshold=0.05, num_pairs=100)))
+    for argv, message in (([str(m), str(tmp_path / "." / "metrics.json")], f"is the same file as {m}"),
+                          ([str(layers)], f"{layers}: select_layers.py's layers.json, not evaluate.py's metrics.json: "
+                                          f"print it with --mrr")):
+        assert cli(lambda: E.main(["--table", *argv]), "evaluate.py") == 1
+        assert message in capsys.readouterr().err
