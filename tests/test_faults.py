@@ -18,7 +18,7 @@ import runtime
 import shards
 import toy_objective
 import train
-from test_train import ROOT, metrics, one_thread, toy_args  # noqa: F401 (fixture)
+from test_train import ROOT, manifests, metrics, one_thread, toy_args  # noqa: F401 (fixtures)
 from toy_objective import Toy, collate, toy_data
 
 TOY = os.path.join(ROOT, "tests", "toy_objective.py")
@@ -339,3 +339,32 @@ def test_table_refuses_a_file_given_twice_and_a_layers_json(tmp_path, capsys):
                                           f"print it with --mrr")):
         assert cli(lambda: E.main(["--table", *argv]), "evaluate.py") == 1
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the same on the real stage-1 script
+
+
+def test_pretrain_diverges_keeps_a_good_checkpoint_and_resumes_finite(tiny_ckpts, manifests, tmp_path, capsys):
+    """The advice of docs/troubleshooting.md, end to end on pretrain.py with the tiny model: --lr 1e30 reached at
+    step 1 (save every step, --max-bad-steps 2) stops the run naming checkpoint.pt at step 1; resumed from it with
+    a sane --lr (--resume --resume-changes apply) every step is finite. And a run whose every step is bad exits 1
+    without claiming weights (it used to print "done ... weights in" and exit 0)."""
+    import pretrain
+    from test_train import RUN_FLAGS, tiny_flags
+    common = ["--train", manifests["asr"], "--output-dir", str(tmp_path / "run"), "--batch-size", "2",
+              "--warmup-steps", "2", "--save-every", "1", *tiny_flags(tiny_ckpts["qwen2"]), *RUN_FLAGS]
+    code = cli(lambda: pretrain.main(common + ["--lr", "1e30", "--warmup-start-lr", "1e-4", "--max-bad-steps", "2",
+                                               "--max-steps", "6"]), "pretrain.py")
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 1 and "2 bad steps in a row (last: step 2" in err and "checkpoint.pt (step 1;" in err, err
+    pretrain.main(common + ["--lr", "1e-3", "--warmup-start-lr", "1e-4", "--min-lr", "1e-4", "--max-steps", "4",
+                            "--resume", "--resume-changes", "apply"])
+    rows = [r for r in metrics(tmp_path / "run") if "lr" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["bad_steps"] == 0
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    capsys.readouterr()
+    code = cli(lambda: pretrain.main(common[:3] + [str(tmp_path / "all_bad")] + common[4:] + [
+        "--lr", "1e30", "--min-lr", "1e30", "--warmup-steps", "0", "--max-steps", "3"]), "pretrain.py")
+    out, err = capsys.readouterr()
+    assert code == 1 and "done at step" not in out and "so it wrote no final weights" in err
+    assert not (tmp_path / "all_bad" / "last.safetensors").exists()
