@@ -341,8 +341,8 @@ def writing(path, *temporaries):
         reason = os_reason(e, path)
         if reason is None:
             raise
-        raise WriteError(f"cannot write {path}: {reason}; nothing was replaced (the previous version, if any, is "
-                         f"intact)") from None
+        raise WriteError(f"cannot write {path}: {reason}" + ("; nothing was replaced (the previous version, if any, "
+                                                             "is intact)" if temporaries else "")) from None
 
 
 def file_mode():
@@ -488,9 +488,10 @@ def folder_lock(folder, flag_name="--output-dir"):
     if folder is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    with writing(path):  # a read-only or full file system: one line, before anything else
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
