@@ -16,7 +16,7 @@ import torch
 
 import ot
 from beats import BEATS_CKPT_NAME
-from runtime import flag
+from runtime import POSITIVE_INT, Range, flag
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -50,15 +50,15 @@ class ModelConfig:
                           choices=["auto", *TEMPLATES])
     speech_tokens: str = _flag("all", "all: always 88 speech tokens (SALMONN); real: only windows overlapping real "
                                       "audio", choices=["all", "real"])
-    second_per_window: float = _flag(0.333333, "Q-Former window (and stride), s")
+    second_per_window: float = _flag(0.333333, "Q-Former window (and stride), s", type=Range(float, gt=0))
     # flags without a help text: --help shows their name and default
-    qformer_layers: int = _flag(2)
-    qformer_hidden: int = _flag(768)  # the Q-Former's width (BERT-base)
-    qformer_heads: int = _flag(12)
-    qformer_ffn: int = _flag(3072)
-    lora_r: int = _flag(8)
-    lora_alpha: int = _flag(32)  # LoRA's update is alpha / r x BA
-    lora_dropout: float = _flag(0.1)
+    qformer_layers: int = _flag(2, type=POSITIVE_INT)
+    qformer_hidden: int = _flag(768, type=POSITIVE_INT)  # the Q-Former's width (BERT-base)
+    qformer_heads: int = _flag(12, type=POSITIVE_INT)
+    qformer_ffn: int = _flag(3072, type=POSITIVE_INT)
+    lora_r: int = _flag(8, type=POSITIVE_INT)
+    lora_alpha: int = _flag(32, type=POSITIVE_INT)  # LoRA's update is alpha / r x BA
+    lora_dropout: float = _flag(0.1, type=Range(float, ge=0, lt=1))
     lora_targets: list = _flag(("q_proj", "v_proj"))  # PEFT's default for llama and qwen2
 
     def __post_init__(self):
@@ -67,6 +67,9 @@ class ModelConfig:
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{flag(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
+            bounds = f.metadata.get("type")
+            if isinstance(bounds, Range) and not bounds.holds(getattr(self, f.name)):
+                raise ValueError(f"{flag(f.name)} must be {bounds.describe()}, got {getattr(self, f.name)!r}")
 
     @classmethod
     def from_args(cls, args):
@@ -93,7 +96,7 @@ def add_model_flag(group, name, **overrides):
     elif isinstance(f.default, tuple):
         kwargs.update(nargs="+", default=list(f.default))
     else:
-        kwargs["type"] = type(f.default)
+        kwargs.setdefault("type", type(f.default))
     group.add_argument(flag(name), **{**kwargs, **overrides})
 
 
@@ -134,9 +137,10 @@ OT_COSTS = ("sqeuclidean", "cosine")  # model.cost_points
 def add_alignment_args(parser):
     """The flags of the Wasserstein distances between speech and text states (eq. 1), the same in stage 2 (retrieval),
     stage 3 (the loss of eq. 6) and the alignment degree of the evaluation."""
-    parser.add_argument("--ot-eps", type=float, default=ot.EPS,
-                        help="Sinkhorn epsilon, relative to the cost scale (ot.wasserstein)")
-    parser.add_argument("--ot-iters", type=int, default=ot.N_ITERS, help="Sinkhorn iterations")
+    parser.add_argument("--ot-eps", type=Range(float, ge=ot.EPS_MIN[torch.float32]), default=ot.EPS,
+                        help="Sinkhorn epsilon, relative to the cost scale (ot.wasserstein); the states are solved in "
+                             "float32, where a smaller eps loses whole units in the exponents (ot.EPS_MIN)")
+    parser.add_argument("--ot-iters", type=POSITIVE_INT, default=ot.N_ITERS, help="Sinkhorn iterations")
     parser.add_argument("--ot-cost", default="sqeuclidean", choices=OT_COSTS,
                         help="OT ground cost: sqeuclidean |x - y|^2 (paper eq. 1); cosine 1 - cos(x, y) (beyond the "
                              "paper)")

@@ -368,8 +368,22 @@ def run(args):
     """The model path: decode (--manifest or --audio), score, alignment degree, Figure 5; rank 0 writes and prints."""
     entries = read_entries(args)
     baselines = check_before_loading(args, entries)
-    out_dir = None if args.audio else args.output_dir or os.path.join(
-        os.path.dirname(os.path.abspath(args.ckpt)), "eval", os.path.splitext(os.path.basename(args.manifest))[0])
+    out_dir = None if args.audio else args.output_dir or default_output_dir(args.ckpt, args.manifest)
+    with runtime.folder_lock(out_dir):  # one evaluation per folder: another would remove the partial files
+        return evaluate_into(args, entries, baselines, out_dir)
+
+
+def default_output_dir(ckpt, manifest):
+    """<ckpt folder>/eval/<ckpt name>.<manifest name>-<8 hex digits of a hash of both absolute paths>: the name
+    says what was evaluated, the hash keeps apart same-named manifests in different folders (zh/test.jsonl,
+    ja/test.jsonl) and best/last checkpoints of one run."""
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]
+    key = hashlib.sha1("\n".join(map(os.path.abspath, (ckpt, manifest))).encode()).hexdigest()[:8]
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval", f"{stem(ckpt)}.{stem(manifest)}-{key}")
+
+
+def evaluate_into(args, entries, baselines, out_dir):
+    """run() in its output folder (None: --audio, stdout only)."""
     modes = [m for m in args.mode if m != "none"]
     with runtime.process_group(args.dist_timeout) as (rank, world, device):  # nccl on GPUs, gloo on CPUs
         if out_dir is not None:
@@ -378,7 +392,7 @@ def run(args):
         layers = alignment_layers(args, lsm)
         decoded = {mode: decode(lsm, entries, mode, args, rank, world, out_dir) for mode in modes}
         if out_dir is not None and modes:  # every rank: the closing barrier must not wait on any decoding
-            decoded = shards.wait_for_partial(out_dir, modes, len(entries), args.skip_bad)
+            decoded = shards.wait_for_partial(out_dir, modes, len(entries), args.skip_bad, wait=world > 1)
         reps = base_reps = None
         if layers:
             pairs = sample_pairs(entries, decoded, args)
@@ -764,18 +778,18 @@ def build_parser():
     g.add_argument("--mode", nargs="+", choices=["st", "mt", "none"], default=["st"],
                    help="st: speech in; mt: the transcript in place of the speech, same prompt (Table 5); "
                         "none: no decoding (only --alignment / --tsne)")
-    g.add_argument("--num-beams", type=int, default=4, help="beam size (1 = greedy); SALMONN: 4")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="SALMONN: 200")
-    g.add_argument("--batch-size", type=int, default=8, help="utterances per batch and process")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
+    g.add_argument("--num-beams", type=runtime.POSITIVE_INT, default=4, help="beam size (1 = greedy); SALMONN: 4")
+    g.add_argument("--max-new-tokens", type=runtime.POSITIVE_INT, default=200, help="SALMONN: 200")
+    g.add_argument("--batch-size", type=runtime.POSITIVE_INT, default=8, help="utterances per batch and process")
+    g.add_argument("--num-workers", type=runtime.COUNT, default=2, help="DataLoader workers reading audio")
     g.add_argument("--instructions", help="JSON file of instructions: this project's format or SALMONN's "
                                           "prompts/test_prompt.json (data.Instructions; a list: one per item, seeded "
                                           "by its index); default: 'Translate the speech into <language>.'")
-    g.add_argument("--limit", type=int, help="evaluate only the first N entries of the manifest")
+    g.add_argument("--limit", type=runtime.POSITIVE_INT, help="evaluate only the first N entries of the manifest")
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out entries whose audio cannot be read (missing, undecodable, NaN/Inf samples) instead "
                         "of stopping: listed in metrics.json under 'skipped', BLEU over the rest")
-    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+    g.add_argument("--dist-timeout", type=runtime.POSITIVE, default=60.0, metavar="MINUTES",
                    help="torchrun: a collective waiting longer than this for another process ends the evaluation "
                         "with an error (a dead or stuck rank). Decoding itself waits on no collective (ranks write "
                         "their hypotheses to files that rank 0 merges), so this need only cover the slowest rank's "
@@ -791,17 +805,18 @@ def build_parser():
                    help="with --manifest: the baseline run's evaluation folder (its hyps.<mode>.jsonl) or, for one "
                         "--mode, its hypotheses file; the test is recorded in metrics.json")
     g = p.add_argument_group("representations (paper Figures 5 and 6)")
-    g.add_argument("--alignment", nargs="+", type=int, metavar="LAYER",
+    g.add_argument("--alignment", nargs="+", type=runtime.COUNT, metavar="LAYER",
                    help="alignment degree at these LLM layers (0 = embeddings), e.g. 0 1 (the paper's selection)")
     g.add_argument("--tsne", metavar="FILE.png", help="Figure 5: t-SNE of layer-0 speech and text states")
     g.add_argument("--tsne-base", metavar="CKPT", help="Figure 5's first panel: the base model's checkpoint, drawn on "
                                                       "the same pairs with the same settings and axes")
     g.add_argument("--tsne-base-name", default="base", help="title of the --tsne-base panel")
-    g.add_argument("--num-pairs", type=int, default=1000, help="test pairs for --alignment and --tsne (paper: 1000)")
-    g.add_argument("--seed", type=int, default=0, help="sampling of the pairs; t-SNE")
+    g.add_argument("--num-pairs", type=runtime.POSITIVE_INT, default=1000, help="test pairs for --alignment and --tsne (paper: 1000)")
+    g.add_argument("--seed", type=runtime.COUNT, default=0, help="sampling of the pairs; t-SNE")
     config.add_alignment_args(g)
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<manifest name>)")
+    g.add_argument("--output-dir", help="hyps.*.jsonl and metrics.json (default: <ckpt folder>/eval/<ckpt name>."
+                                        "<manifest name>-<hash of both paths>; printed at the end)")
     g.add_argument("--name", help="row name in the summary table (default: the --ckpt path); runs of one system "
                                   "over several seeds share it")
     g.add_argument("--fig6", metavar="FILE.png", help="with --table: Figure 6, ST BLEU against the alignment degree "
@@ -813,6 +828,14 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     chosen = [f for f in ("manifest", "audio", "hyps", "table", "mrr") if getattr(args, f)]
+    if args.tgt_lang is not None:
+        try:
+            data.normalize_lang(args.tgt_lang)
+        except ValueError as err:
+            p.error(f"argument --tgt-lang: {err}")
+    for name in ("hyps", "baseline", "mrr", "manifest", "ckpt", "tsne_base"):
+        if getattr(args, name) and os.path.isdir(getattr(args, name)):
+            p.error(f"argument {runtime.flag(name)}: {getattr(args, name)} is a folder; expected a file")
     if len(chosen) != 1:
         p.error(f"give exactly one of --manifest, --audio, --hyps, --table, --mrr (got {', '.join(chosen) or 'none'})")
     for flag, needs in (("baseline", "hyps"), ("baseline_hyps", "manifest"), ("fig6", "table"), ("tsne_base", "tsne")):
@@ -833,9 +856,7 @@ def main(argv=None):
         p.error("--baseline-hyps compares hypotheses: not with --mode none")
     if args.audio and (args.mode != ["st"] or args.alignment or args.tsne):
         p.error("--audio only translates speech: no --mode mt, --alignment or --tsne (they need transcripts)")
-    for flag in ("num_beams", "max_new_tokens", "batch_size", "num_pairs"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    runtime.distinct(p, "alignment", args.alignment)
     try:
         args.instructions_used = data.Instructions(args.instructions).describe()  # recorded in metrics.json
     except ValueError as e:  # names the file
@@ -845,7 +866,7 @@ def main(argv=None):
 
 def print_table(args):
     """--table [--fig6]: the summary table of the metrics.json files (and Figure 6) -> their contents."""
-    runs = [results.read_metrics(path) for path in args.table]
+    runs = results.read_all_metrics(args.table)
     if args.fig6:
         results.plot_libs()
     print(results.summary_table(runs))

@@ -83,20 +83,20 @@ def parser():
                    help="the paper's backbones at the real widths (tiny.REAL_CONFIGS) instead of --whisper/--beats/--llm")
     g.add_argument("--align", default="none", choices=["none", "ot", "ctc", "cl"],
                    help="none: stage 1 (and stage 3 base); ot / ctc / cl: stage 3 as joint_train.py")
-    g.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="layers of --align ot (paper, Qwen2: 0 1)")
-    g.add_argument("--processes", type=int, default=8, help="processes (GPUs) of the planned run: all-reduce buffer, time")
-    g.add_argument("--audio-seconds", type=float, default=30.0, help="clip length of the measured batches (30 = max)")
-    g.add_argument("--target-tokens", type=int, default=64, help="target (and transcript) tokens per sample")
+    g.add_argument("--layers", type=runtime.COUNT, nargs="+", default=[0, 1], help="layers of --align ot (paper, Qwen2: 0 1)")
+    g.add_argument("--processes", type=runtime.POSITIVE_INT, default=8, help="processes (GPUs) of the planned run: all-reduce buffer, time")
+    g.add_argument("--audio-seconds", type=runtime.Range(float, ge=1, le=30), default=30.0, help="clip length of the measured batches (30 = max)")
+    g.add_argument("--target-tokens", type=runtime.POSITIVE_INT, default=64, help="target (and transcript) tokens per sample")
     g.add_argument("--no-measure", action="store_true", help="counts and bytes only (no step is run)")
-    g.add_argument("--measure-layers", type=int, nargs="+", default=[1, 2, 4],
+    g.add_argument("--measure-layers", type=runtime.COUNT, nargs="+", default=[1, 2, 4],
                    help="LLM depths of the measured steps (0 = full depth); the deepest is the held-out point")
-    g.add_argument("--steps", type=int, default=3,
+    g.add_argument("--steps", type=runtime.POSITIVE_INT, default=3,
                    help="optimiser steps per measurement: 1 warm-up (AdamW state), 1 measured, the rest timed "
                         "(at least 2 run)")
     g.add_argument("--no-decode", action="store_true", help="measure training steps only")
-    g.add_argument("--num-beams", type=int, default=4, help="decoding: beam size (evaluate.py default)")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="decoding: new tokens (all of them are generated)")
-    g.add_argument("--decode-batch-size", type=int, default=8, help="decoding: utterances per batch and GPU")
+    g.add_argument("--num-beams", type=runtime.POSITIVE_INT, default=4, help="decoding: beam size (evaluate.py default)")
+    g.add_argument("--max-new-tokens", type=runtime.POSITIVE_INT, default=200, help="decoding: new tokens (all of them are generated)")
+    g.add_argument("--decode-batch-size", type=runtime.POSITIVE_INT, default=8, help="decoding: utterances per batch and GPU")
     config.add_model_args(p)
     train.add_train_args(p, warmup_steps=3000, max_steps=80000)
     for action in p._actions:  # a plan writes nothing
@@ -416,9 +416,17 @@ def measure_decode(args, lsm, device):
 
 def fit_activations(points):
     """Least squares A = w + B u + B L v over `points` (dicts with batch, llm_layers, activation_bytes), the
-    deepest B = 1 point held out when there are more points than unknowns -> dict(w, u, v, held_out, error)."""
+    deepest B = 1 point held out when there are more points than unknowns -> dict(w, u, v, held_out, error).
+    Refuses (ValueError) points at a single depth, where v cannot be told apart from u."""
+    depths = lambda ps: len({p["llm_layers"] for p in ps})
+    if depths(points) < 2:
+        raise ValueError(f"the activation fit needs measured steps at 2 or more LLM depths, got only "
+                         f"{sorted({p['llm_layers'] for p in points})}: with one depth its per-layer term v takes in "
+                         f"the per-sample term u; measure more depths (--measure-layers)")
     ones = [p for p in points if p["batch"] == 1]
     held = max(ones, key=lambda p: p["llm_layers"]) if len(points) > 3 else None
+    if held is not None and depths([p for p in points if p is not held]) < 2:
+        held = None  # the rest must still span two depths
     use = [p for p in points if p is not held]
     X = torch.tensor([[1.0, p["batch"], p["batch"] * p["llm_layers"]] for p in use], dtype=torch.float64)
     y = torch.tensor([float(p["activation_bytes"]) for p in use], dtype=torch.float64)
@@ -609,11 +617,11 @@ def _encoder_depths(args):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    for flag in ("steps", "processes", "num_beams", "max_new_tokens", "decode_batch_size", "target_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if any(d < 0 for d in args.measure_layers) or args.audio_seconds < 1:
-        p.error("--measure-layers must be >= 0 (0 = full depth) and --audio-seconds >= 1")
+    runtime.distinct(p, "layers", args.layers)
+    runtime.distinct(p, "measure_layers", args.measure_layers)
+    if not args.no_measure and len(args.measure_layers) < 2:
+        p.error("argument --measure-layers: give at least 2 depths: the activation fit's per-layer term needs steps "
+                "at two depths (with one, it takes the per-sample term for a per-layer one)")
     if args.real and any(f in (argv if argv is not None else sys.argv) for f in ("--whisper", "--beats", "--llm")):
         p.error("--real replaces --whisper, --beats and --llm: give one or the other")
     with tempfile.TemporaryDirectory(prefix="gpu_plan_") as tmp:

@@ -184,10 +184,10 @@ def parser():
     p.add_argument("--train", required=True, help="training manifest (ST, with transcripts)")
     p.add_argument("--align", default="ot", choices=["ot", "ctc", "cl", "none"],
                    help="ot: AI-STA (eq. 6); ctc / cl: Table 4 baselines at layer 0; none: cross-entropy only")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers I to align with --align ot (0 = embeddings)")
+    p.add_argument("--layers", type=runtime.COUNT, nargs="+", default=None, help="layers I to align with --align ot (0 = embeddings)")
     p.add_argument("--layers-from", default=None, help="layers.json of select_layers.py (its 'selected' layers)")
-    p.add_argument("--alpha", type=float, default=0.99, help="CE weight; the alignment weight is 1 - alpha (eq. 6)")
-    p.add_argument("--cl-temperature", type=float, default=0.1,
+    p.add_argument("--alpha", type=runtime.Range(float, ge=0, le=1), default=0.99, help="CE weight; the alignment weight is 1 - alpha (eq. 6)")
+    p.add_argument("--cl-temperature", type=runtime.POSITIVE, default=0.1,
                    help="temperature tau of --align cl: cosines / tau, small = focus on the hardest negatives")
     config.add_alignment_args(p)
     config.add_model_args(p, init=True)
@@ -200,6 +200,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.layers is not None and args.layers_from is not None:
         p.error("give --layers or --layers-from, not both")
+    runtime.distinct(p, "layers", args.layers)
     layers = read_layers(args.layers_from) if args.layers_from else args.layers
     if args.align == "ot" and not layers:
         p.error("--align ot needs --layers or --layers-from")

@@ -53,7 +53,7 @@ def parser():
     p.add_argument("--mix-by", default="size", choices=["size", "equal"],
                    help="base share of a manifest before its weight: size = its number of entries (SALMONN: one "
                         "uniform draw from the concatenation), equal = the same for every manifest")
-    p.add_argument("--epoch-size", type=int, default=None, help="draws per epoch (default: all entries)")
+    p.add_argument("--epoch-size", type=runtime.POSITIVE_INT, default=None, help="draws per epoch (default: all entries)")
     config.add_model_args(p)
     train.add_train_args(p, warmup_steps=9000, max_steps=80000)
     return p

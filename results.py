@@ -47,6 +47,19 @@ def read_json_object(path, what):
     return m
 
 
+def read_all_metrics(paths):
+    """read_metrics of every --table file; the same file named twice (another path to it too) is refused: it would
+    count as two seeds of its system."""
+    seen = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"--table: {path} is the same file as {seen[real]}: each run counts once (two paths to "
+                            f"one metrics.json would count as two seeds)")
+        seen[real] = path
+    return [read_metrics(path) for path in paths]
+
+
 def read_metrics(path):
     """A metrics.json for --table / --fig6 -> dict; a UserError names the file and what is wrong with it (not
     JSON, not an object, a score that is not a number). A bare NaN or Infinity (not JSON, but Python's json.dump
@@ -54,6 +67,8 @@ def read_metrics(path):
     m = read_json_object(path, "a metrics file")
     def bad(where, what):
         raise UserError(f"{path}: {where} {what} (is this evaluate.py's metrics.json?)")
+    if "mrr" in m and "selected" in m:
+        raise UserError(f"{path}: select_layers.py's layers.json, not evaluate.py's metrics.json: print it with --mrr")
     def number(where, x):
         if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
             bad(where, f"must be a number, got {x!r}")
@@ -86,6 +101,8 @@ def read_metrics(path):
             number(f'"alignment" -> "log_w" -> {l!r}', v)
     if not isinstance(m.get("train") or {}, dict):
         bad('"train"', "must be an object")
+    if not m.get("bleu") and not m.get("alignment"):
+        bad("has", 'neither "bleu" scores nor an "alignment": nothing to put in a table')
     return m
 
 

@@ -29,11 +29,15 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
+import fcntl
+import io
 import json
 import math
 import os
 import random
 import re
+import socket
 import sys
 
 import numpy as np
@@ -56,11 +60,72 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
+        if isinstance(action.type, Range) and action.help is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            text = action.help.replace("(default: %(default)s)", "").strip()
+            action.help = f"{text} [{action.type.describe()}]".strip()
         super().add_argument(action)
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+class Range:
+    """argparse type of a numeric flag: an int, or a finite float, within bounds (gt / ge / lt / le); anything else
+    stops the parse with the allowed range (argparse names the flag: `error: argument --lr: expected a number > 0,
+    got '0'`), before any model loads. --help shows the range."""
+
+    def __init__(self, kind, *, gt=None, ge=None, lt=None, le=None):
+        self.kind, self.gt, self.ge, self.lt, self.le = kind, gt, ge, lt, le
+
+    def describe(self):
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        what = "an integer" if self.kind is int else "a number"
+        if low and high:
+            return f"{what} in {low}, {high}"
+        bound = (f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None
+                 else f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else "")
+        return f"{what} {bound}".strip()
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not self.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+    def holds(self, v):
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+
+POSITIVE_INT, COUNT = Range(int, ge=1), Range(int, ge=0)  # >= 1 (sizes, periods), >= 0 (workers, seeds, steps)
+POSITIVE, NON_NEGATIVE = Range(float, gt=0), Range(float, ge=0)
+
+
+def device_flag(text):
+    """argparse type of --device: cpu, cuda or cuda:N of a GPU this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    n = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (n == 0 or (device.index or 0) >= n):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has " + (
+            f"{n} CUDA device(s): cuda:0 .. cuda:{n - 1}" if n else "no CUDA device; use cpu"))
+    return text
+
+
+def distinct(parser, name, values):
+    """Refuse a list flag that names a value twice (--layers 0 0 1 would count layer 0 twice)."""
+    if values is not None and len(set(values)) != len(values):
+        parser.error(f"argument {flag(name)}: a value is given twice: {' '.join(map(str, values))}")
 
 
 USER_ERRORS = (data.UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
@@ -236,11 +301,70 @@ def reduce_device(model):
 # ----------------------------------------------------------------------------- files: atomic writes, temporary files, metrics
 
 
+class WriteError(data.UserError):
+    """A file could not be written (read-only folder, disk full, ...): the message names the path and the reason."""
+
+
+def os_reason(err, path):
+    """The OS's reason for a failed write of `path` ("No space left on device (ENOSPC)"), or None if `err` is not
+    about the file system. Reads err itself (OSError), the error number in safetensors' message ("os error 28"),
+    and, for torch's bare "unexpected pos" errors, the state of the folder (full, not writable)."""
+    number = err.errno if isinstance(err, OSError) else None
+    found = re.search(r"os error (\d+)", str(err))
+    if number is None and found:
+        number = int(found.group(1))
+    if number is None and not isinstance(err, (RuntimeError, OSError)):
+        return None
+    if number is None:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            return None
+        number = (errno.ENOSPC if stat.f_bavail == 0 else errno.EROFS if stat.f_flag & os.ST_RDONLY
+                  else errno.EACCES if not os.access(folder, os.W_OK) else None)
+        if number is None:
+            return None
+    return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
+
+
+@contextlib.contextmanager
+def writing(path, *temporaries):
+    """with writing(path, tmp...): a write that fails for a file-system reason raises WriteError naming `path`
+    and the reason (os_reason), after removing the temporary files; any other failure propagates unchanged."""
+    try:
+        yield
+    except Exception as e:
+        for tmp in temporaries:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        reason = os_reason(e, path)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write {path}: {reason}" + ("; nothing was replaced (the previous version, if any, "
+                                                             "is intact)" if temporaries else "")) from None
+
+
+def file_mode():
+    """The mode a new file gets under this process's umask (0o666 & ~umask): files written by libraries that use
+    a private mode (safetensors writes 0600) are set to it."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic(path, write):
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half of one."""
+    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half of one. A
+    failed write (disk full, read-only folder) raises WriteError naming `path`; the temporary file is removed."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
 
 
 def write_text(path, text):
@@ -248,12 +372,45 @@ def write_text(path, text):
         f.write(text)
 
 
+class _Recorder(io.RawIOBase):
+    """A binary file that keeps the OSError of a failed write: torch.save reports only "unexpected pos"."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.error = f, None
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def torch_save(obj, path):
+    """torch.save(obj, path); a failed write raises the OSError behind it."""
+    with open(path, "wb") as f:
+        recorder = _Recorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
 def save_weights(model, path):
-    """model.save_trainable writes path and path.json; both atomically."""
+    """model.save_trainable writes path and path.json; both atomically, with the umask's file mode."""
     tmp = f"{path}.tmp{os.getpid()}"
-    model.save_trainable(tmp)
-    os.replace(tmp + ".json", path + ".json")
-    os.replace(tmp, path)
+    with writing(path, tmp, tmp + ".json"):
+        model.save_trainable(tmp)
+        for name in (tmp, tmp + ".json"):
+            os.chmod(name, file_mode())
+        os.replace(tmp + ".json", path + ".json")
+        os.replace(tmp, path)
 
 
 def clean_temporaries(folder, names):
@@ -309,16 +466,54 @@ class Metrics:
         """Append one row; non-finite numbers become null (strict JSON)."""
         if self.rank == 0:
             row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+LOCK = ".lock"
+
+
+class FolderBusy(data.UserError):
+    """Another run holds the output folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag_name="--output-dir"):
+    """with folder_lock(folder): one run per output folder at a time. Rank 0 (of torchrun, or the only process)
+    takes an exclusive flock on <folder>/.lock for the run's life and writes who holds it; a second run that finds
+    it taken stops at once with FolderBusy naming the folder and the holder. The kernel drops the lock when the
+    holder's process ends, however it ends (a kill too), so it never stays stuck; the file itself stays (removing
+    it would let a third run lock a new file while a second holds the old one). The other ranks of one torchrun
+    share rank 0's folder and take no lock. folder None: nothing to lock."""
+    if folder is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = os.path.join(folder, LOCK)
+    with writing(path):  # a read-only or full file system: one line, before anything else
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            raise FolderBusy(f"{flag_name} {folder} is in use by another run ({holder}); wait for it to end or give "
+                             f"another {flag_name}") from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}: "
+                      f"{' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # ----------------------------------------------------------------------------- checkpoints and what a resume may change
 
 # Flags that do not change what is trained (where and how often to write, how to run, what to do on errors).
 RESUME_IGNORED = frozenset({"output_dir", "resume", "resume_changes", "save_every", "log_every", "num_workers",
-                            "stop_after_steps", "gradient_checkpointing", "max_bad_steps", "skip_bad", "dist_timeout",
-                            "grad_accum"})
+                            "stop_after_steps", "gradient_checkpointing", "max_bad_steps", "max_weight_growth",
+                            "skip_bad", "dist_timeout", "grad_accum"})
 
 
 # Flags a resumed run can never change: the data position, order and initialisation depend on them.
@@ -397,7 +592,7 @@ def save_checkpoint(model, opt, sched, progress, args, rank, world, meta):
                      optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=copy.deepcopy(progress), rng=rng,
                      world_size=world, batch_size=args.batch_size, seed=args.seed, **meta)
         save_weights(model, os.path.join(args.output_dir, LAST))
-        atomic(os.path.join(args.output_dir, CHECKPOINT), lambda p: torch.save(state, p))
+        atomic(os.path.join(args.output_dir, CHECKPOINT), lambda p: torch_save(state, p))
     if world > 1:
         dist.barrier()
 

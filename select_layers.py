@@ -199,19 +199,20 @@ def parser():
     p.add_argument("--init", required=True, help="stage-1 weights (runs/stage1/last.safetensors, .json beside it)")
     p.add_argument("--manifest", required=True, help="speech with transcripts (paper: LibriSpeech test-clean)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--num-pairs", type=int, default=1000, help="random pairs N (all if the manifest has fewer)")
-    p.add_argument("--threshold", type=float, default=0.05, help="select layers with MRR above this (eq. 5)")
+    p.add_argument("--num-pairs", type=runtime.Range(int, ge=2), default=1000, help="random pairs N (all if the manifest has fewer)")
+    p.add_argument("--threshold", type=runtime.Range(float, ge=0, lt=1), default=0.05, help="select layers with MRR above this (eq. 5)")
     p.add_argument("--allow-chance-level", action="store_true",
                    help="run even when chance-level MRR (H_N / N + 3 sd for N pairs) reaches --threshold, so that a "
                         "layer without any alignment is likely to pass (paper: N = 1000, chance 0.0075)")
-    p.add_argument("--seed", type=int, default=0, help="which pairs are sampled")
-    p.add_argument("--batch-size", type=int, default=8, help="forward batch")
+    p.add_argument("--seed", type=runtime.COUNT, default=0, help="which pairs are sampled")
+    p.add_argument("--batch-size", type=runtime.POSITIVE_INT, default=8, help="forward batch")
     config.add_alignment_args(p)
-    p.add_argument("--chunk-size", type=int, default=4096, help="OT problems solved at once")
-    p.add_argument("--rows", type=int, default=32, help="speech rows of D per block (progress bar step)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chunk-size", type=runtime.POSITIVE_INT, default=4096, help="OT problems solved at once")
+    p.add_argument("--rows", type=runtime.POSITIVE_INT, default=32, help="speech rows of D per block (progress bar step)")
+    p.add_argument("--device", type=runtime.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the distances are computed (and the forwards run)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype of the forwards")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=runtime.COUNT, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip broken manifest lines and unreadable audio")
     p.add_argument("--instructions", default=None,
                    help="JSON file of instructions: this project's format or SALMONN's prompts/*_prompt.json "
@@ -223,8 +224,6 @@ def parser():
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if args.num_pairs < 2:
-        p.error(f"--num-pairs must be >= 2 (retrieval needs wrong candidates), got {args.num_pairs}")
     entries = [e for e in data.read_manifest(args.manifest, skip_bad=args.skip_bad) if e["task"] != "aac"]
     if len(entries) < 2:
         raise data.UserError(f"--manifest {args.manifest}: need at least 2 entries with transcripts (asr/st), "

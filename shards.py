@@ -18,6 +18,7 @@ import time
 
 import torch.distributed as dist
 
+import data
 import runtime
 
 PARTIAL = "partial"
@@ -82,9 +83,10 @@ class PartialWriter:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, records):
-        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        with runtime.writing(self.f.name):  # a full disk: one line naming the file (a cut line is ignored on resume)
+            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.f.flush()
+            os.fsync(self.f.fileno())
 
     def close(self):
         self.f.close()
@@ -130,10 +132,10 @@ def prepare_partial(out_dir, config, rank, world):
         dist.barrier()
 
 
-def wait_for_partial(out_dir, modes, n, skip_bad, poll_seconds=2.0, say_every=300.0):
+def wait_for_partial(out_dir, modes, n, skip_bad, wait=True, poll_seconds=2.0, say_every=300.0):
     """Wait, without any collective, until the partial files hold all n entries of every mode (without skip_bad, a
     hypothesis for each); -> {mode: records in manifest order}. Says on stderr what is still missing every
-    `say_every` seconds."""
+    `say_every` seconds. wait=False (one process: nobody else writes them): what is missing is an error at once."""
     t0 = last = time.time()
     while True:
         results = {m: {i: r for i, r in read_partial(out_dir, m).items() if skip_bad or "skipped" not in r}
@@ -141,6 +143,11 @@ def wait_for_partial(out_dir, modes, n, skip_bad, poll_seconds=2.0, say_every=30
         missing = {m: n - len([i for i in r if 0 <= i < n]) for m, r in results.items()}
         if not any(missing.values()):
             return {m: [r[i] for i in range(n)] for m, r in results.items()}
+        if not wait:
+            still = ", ".join(f"{m} {k} of {n}" for m, k in missing.items() if k)
+            raise data.UserError(f"{os.path.join(out_dir, PARTIAL)}: hypotheses missing after decoding ({still}): "
+                                 f"the partial files were changed or removed by something else; run the evaluation "
+                                 f"again")
         if time.time() - last > say_every:
             last = time.time()
             still = ", ".join(f"{m} {k}" for m, k in missing.items() if k)

@@ -34,10 +34,14 @@ Learning rate at step s (0-based), SALMONN's linear warm-up + cosine schedule, m
 lr_0 = --warmup-start-lr 1e-6, lr_max = --lr 3e-5, lr_min = --min-lr 1e-5, S_w = --warmup-steps,
 S = --max-steps.
 
-Non-finite loss or gradient norm (identical on every rank): the step is skipped on all ranks (gradients zeroed,
-no update; the step still counts: its data is consumed and the schedule moves on) and counted ("bad_steps" in
-the metrics); no checkpoint is written during a streak of them (a due one waits for the next finite step), and
---max-bad-steps in a row stop the run with an error naming the last checkpoint, which is from before the streak.
+Bad steps (the same on every rank). A step with a non-finite loss or gradient norm is skipped (gradients zeroed,
+no update; the step still counts: its data is consumed and the schedule moves on); a step whose update multiplies
+the norm of the trainable weights by more than --max-weight-growth over the last good step's is bad too (the
+weights blow up a step before the loss turns non-finite; such an update is not undone, so every later step stays
+bad until the run stops). Bad steps are counted ("bad_steps" in the metrics); no checkpoint is written during a
+streak of them (a due one waits for the next good step), so checkpoint.pt and last.safetensors always hold weights
+from before the streak; --max-bad-steps in a row stop the run with an error naming that checkpoint, and a run that
+reaches --max-steps inside a streak stops with the same error instead of saving its final weights.
 
 Resume (--resume), the output folder (args.json, metrics.jsonl, checkpoint.pt, last/best.safetensors) and what
 a dead or stuck rank does: runtime.py.
@@ -80,34 +84,40 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
                         "them) or apply (train with the new values from the resumed step on: schedule, every optimizer "
                         "group; recorded in args.json and metrics.jsonl). --seed, --batch-size, --train, --epoch-size, "
                         "--align and --init can never change")
-    g.add_argument("--seed", type=int, default=42, help="initialisation, data order and dropout")
-    g.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
-    g.add_argument("--warmup-start-lr", type=float, default=1e-6, help="learning rate at step 0")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warm-up steps")
-    g.add_argument("--max-steps", type=int, default=max_steps,
+    g.add_argument("--seed", type=runtime.COUNT, default=42, help="initialisation, data order and dropout")
+    g.add_argument("--lr", type=runtime.POSITIVE, default=3e-5, help="peak learning rate")
+    g.add_argument("--warmup-start-lr", type=runtime.NON_NEGATIVE, default=1e-6, help="learning rate at step 0")
+    g.add_argument("--min-lr", type=runtime.NON_NEGATIVE, default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=runtime.COUNT, default=warmup_steps, help="linear warm-up steps")
+    g.add_argument("--max-steps", type=runtime.POSITIVE_INT, default=max_steps,
                    help="optimiser steps" + ("" if not validation else
                                             " at most (cosine horizon; early stopping usually ends sooner)"))
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/1-d)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--batch-size", type=int, default=32,
+    g.add_argument("--weight-decay", type=runtime.NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on biases/norms/1-d)")
+    g.add_argument("--adam-betas", type=runtime.Range(float, ge=0, lt=1), nargs=2, default=[0.9, 0.999])
+    g.add_argument("--adam-eps", type=runtime.POSITIVE, default=1e-8)
+    g.add_argument("--batch-size", type=runtime.POSITIVE_INT, default=32,
                    help="GLOBAL batch = per-device batch x grad accumulation x number of processes")
-    g.add_argument("--per-device-batch-size", type=int, default=None,
+    g.add_argument("--per-device-batch-size", type=runtime.POSITIVE_INT, default=None,
                    help="micro-batch per process (None: batch-size / (grad-accum x processes))")
-    g.add_argument("--grad-accum", type=int, default=None,
+    g.add_argument("--grad-accum", type=runtime.POSITIVE_INT, default=None,
                    help="micro-batches accumulated per step (None: batch-size / (per-device x processes))")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--grad-clip", type=runtime.NON_NEGATIVE, default=0.0, help="clip the gradient norm to this (0: no clipping)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="autocast dtype of the forward (paper: bf16; float32 = no autocast)")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl row every N steps")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    g.add_argument("--save-every", type=runtime.POSITIVE_INT, default=1000, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--log-every", type=runtime.POSITIVE_INT, default=10, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--num-workers", type=runtime.COUNT, default=4, help="DataLoader worker processes per rank")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip broken manifest lines and unreadable audio instead of stopping (both are counted)")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
-    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+    g.add_argument("--max-bad-steps", type=runtime.POSITIVE_INT, default=5,
+                   help="stop after this many bad steps in a row (non-finite, or --max-weight-growth exceeded)")
+    g.add_argument("--max-weight-growth", type=runtime.Range(float, gt=1), default=2.0,
+                   help="a step whose update multiplies the norm of the trainable weights by more than this (over the "
+                        "last good step's) is bad: the weights are blowing up before the loss turns non-finite. An "
+                        "AdamW step moves each weight by about --lr, so a sane run grows the norm by well under 1%% per "
+                        "step")
+    g.add_argument("--dist-timeout", type=runtime.POSITIVE, default=60.0, metavar="MINUTES",
                    help="torchrun: a collective that waits longer than this for another process ends the run with an "
                         "error (a dead or stuck rank) instead of hanging. Long enough for the slowest rank to load a "
                         "13B model from a shared filesystem and for a checkpoint write or a validation pass, which "
@@ -115,12 +125,12 @@ def add_train_args(parser, *, warmup_steps, max_steps, validation=False):
     g.add_argument("--instructions", default=None,
                    help="JSON file of alternative instructions per task, one drawn per item: this project's format "
                         "or SALMONN's prompts/train_prompt.json (data.Instructions; None: the fixed ones)")
-    g.add_argument("--stop-after-steps", type=int, default=0,
+    g.add_argument("--stop-after-steps", type=runtime.COUNT, default=0,
                    help="testing: stop after N steps of this run WITHOUT a checkpoint, as a kill would (0: off)")
     if validation:
         g.add_argument("--dev", default=None, help="dev manifest: validation (teacher-forced accuracy and loss)")
-        g.add_argument("--eval-every", type=int, default=3000, help="validate every N steps")
-        g.add_argument("--patience", type=int, default=4,
+        g.add_argument("--eval-every", type=runtime.POSITIVE_INT, default=3000, help="validate every N steps")
+        g.add_argument("--patience", type=runtime.COUNT, default=4,
                        help="stop after this many validations in a row without a new best accuracy (0: never)")
     return parser
 
@@ -188,7 +198,7 @@ def train(args, model, train_set, collate, *, sizes=None, weights=None, epoch_si
     sizes, weights = sizes or [len(train_set)], weights or [1.0]
     if sum(sizes) != len(train_set):
         raise ValueError(f"train(): source sizes {sizes} do not add up to the {len(train_set)} training items")
-    with runtime.process_group(args.dist_timeout) as (rank, world, device):
+    with runtime.folder_lock(args.output_dir), runtime.process_group(args.dist_timeout) as (rank, world, device):
         return training_loop(args, model, train_set, collate, sizes, weights, epoch_size, dev_set, bad_lines, rank,
                              world, device)
 
@@ -222,7 +232,7 @@ def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, d
             lr = opt.param_groups[0]["lr"]
             logs = train_step(model, opt, params, [next(batches) for _ in range(k)], progress["step"], args, rank,
                               world, autocast)
-            count_step(logs, progress, args, run, print0)  # raises Diverged after --max-bad-steps non-finite steps
+            count_step(logs, progress, args, run, print0)  # raises Diverged after --max-bad-steps bad steps
             sched.step()
             progress.update(step=progress["step"] + 1, step_in_epoch=progress["step_in_epoch"] + 1)
             log.add(logs, lr, progress)  # a metrics.jsonl row every --log-every steps
@@ -230,7 +240,7 @@ def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, d
                 stop = validate_and_keep_best(model, dev_loader, world, autocast, progress, args, metrics, run, print0)
                 validated_at = progress["step"]
             if progress["step"] % args.save_every == 0 or pending_save:
-                pending_save = progress["bad_in_row"] > 0  # a checkpoint due in a non-finite streak waits for its end
+                pending_save = progress["bad_in_row"] > 0  # a checkpoint due in a streak of bad steps waits for its end
                 if not pending_save:
                     run.save(model, opt, sched, progress)
             if args.stop_after_steps and progress["step"] == first_step + args.stop_after_steps:
@@ -243,12 +253,13 @@ def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, d
     log.close()
     if dev_loader is not None and validated_at != progress["step"] and stop is None:
         validate_and_keep_best(model, dev_loader, world, autocast, progress, args, metrics, run, print0)
-    if run.saved_at != progress["step"]:
-        if progress["bad_in_row"] == 0:
-            run.save(model, opt, sched, progress)
-        else:
-            print0(f"not saving at the end: the last {progress['bad_in_row']} steps were non-finite; the last "
-                   f"checkpoint is from step {run.saved_at}")
+    if run.saved_at != progress["step"] and progress["bad_in_row"] == 0:
+        run.save(model, opt, sched, progress)
+    if run.saved_at != progress["step"]:  # the run ends inside a streak of bad steps: no final weights
+        metrics.write(dict(progress, event="end", stopped="bad_steps", bad_lines=bad_lines))
+        run.close()
+        raise Diverged(f"the run ended inside a streak of {progress['bad_in_row']} bad step(s) (last: step "
+                       f"{progress['step'] - 1}), so it wrote no final weights: " + kept(run))
     end = dict(progress, event="end", stopped=stop or "max_steps", bad_lines=bad_lines,
                max_param_diff_across_ranks=runtime.max_rank_divergence(params, world))
     metrics.write(end)
@@ -267,9 +278,12 @@ def start(args, model, sizes, rank, world, device, print0):
         model.enable_gradient_checkpointing()
     opt, sched = build_optimizer(model, args)
     progress = dict(step=0, epoch=0, step_in_epoch=0, bad_steps=0, bad_in_row=0, best_acc=None, best_step=None,
-                    since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS})
+                    since_best=0, empty_steps=0, counts={c: 0 for c in COUNTS}, weight_norm=None,
+                    dev_bad_audio=None)
     if run.resume(model, opt, sched, progress):
         apply_settings(opt, sched, args, progress["step"])
+    if progress["weight_norm"] is None:  # the reference of count_step's growth check
+        progress["weight_norm"] = weight_norm([p for p in model.parameters() if p.requires_grad])
     metrics = run.open_records(progress)  # args.json, metrics.jsonl
     runtime.broadcast_parameters([p for p in model.parameters() if p.requires_grad], world)
     return run, opt, sched, progress, metrics
@@ -320,44 +334,64 @@ def train_step(model, opt, params, micro, step, args, rank, world, autocast):
         opt.zero_grad(set_to_none=True)
     else:
         opt.step()
+    logs["weight_norm"] = weight_norm(params)
     return logs
 
 
+def weight_norm(params):
+    """The L2 norm of all trainable parameters together (float64: weights of 1e30 do not overflow it)."""
+    return torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params]).norm().item()
+
+
 def count_step(logs, progress, args, run, print0):
-    """Add a step's data counts to progress, and count a step with no readable item (no update) and a non-finite
-    one (skipped by train_step); --max-bad-steps non-finite steps in a row raise Diverged, naming the last checkpoint,
-    which is from before them."""
+    """Add a step's data counts to progress, and count a step with no readable item (no update) and a bad one:
+    non-finite (skipped by train_step), or one whose update grew the trainable weights' norm more than
+    --max-weight-growth fold over the last good step's (an update that blows the weights up while the loss is still
+    finite: the loss turns non-finite only a step later, so a checkpoint written in between would hold the damage).
+    No checkpoint is written during a streak of bad steps; --max-bad-steps of them in a row raise Diverged, naming
+    the last checkpoint, which is from before them."""
     for c in COUNTS:
         progress["counts"][c] += logs[f"n_{c}"]
     if logs.pop("empty"):
         progress["empty_steps"] += 1
         print0(f"\nstep {progress['step']}: no readable audio in the whole batch: no update")
-    if not logs.pop("skipped"):
+    skipped, norm, ref = logs.pop("skipped"), logs.get("weight_norm"), progress["weight_norm"]
+    exploded = not skipped and norm is not None and not (norm <= args.max_weight_growth * ref or ref == 0)
+    if not skipped and not exploded:
         if "loss" in logs:
-            progress["bad_in_row"] = 0
+            progress.update(bad_in_row=0, weight_norm=norm)
         return
     progress["bad_steps"] += 1
     progress["bad_in_row"] += 1
-    print0(f"\nstep {progress['step']}: non-finite loss {logs['loss']} / gradient norm {logs['grad_norm']}: "
-           f"skipped ({progress['bad_in_row']} in a row, {progress['bad_steps']} in total)")
+    why = (f"non-finite loss {logs['loss']} / gradient norm {logs['grad_norm']}: skipped" if skipped else
+           f"the update grew the trainable weights' norm from {ref:.4g} (last good step) to {norm:.4g}, more than "
+           f"--max-weight-growth {args.max_weight_growth:g} fold")
+    print0(f"\nstep {progress['step']}: {why} ({progress['bad_in_row']} bad in a row, {progress['bad_steps']} in "
+           f"total; no checkpoint until a good step)")
     if progress["bad_in_row"] >= args.max_bad_steps:
-        raise Diverged(
-            f"{progress['bad_in_row']} non-finite steps in a row (last: step {progress['step']}) reached "
-            f"--max-bad-steps {args.max_bad_steps}; stopping without saving. The last good checkpoint, written "
-            f"before these steps: "
-            + (f"{run.path} (step {run.saved_at})." if run.saved_at is not None else "none yet.")
-            + " Resume from it with a lower --lr, --grad-clip 1.0 or --dtype float32 (--resume --resume-changes "
-              "apply), or start again.")
+        raise Diverged(f"{progress['bad_in_row']} bad steps in a row (last: step {progress['step']}, {why}) reached "
+                       f"--max-bad-steps {args.max_bad_steps}; stopping without saving. " + kept(run))
+
+
+def kept(run):
+    """Where a diverged run can continue from, and how."""
+    if run.saved_at is None:
+        return "No checkpoint was written before the bad steps: start again with a lower --lr."
+    return (f"The last good checkpoint, written before the bad steps: {run.path} (step {run.saved_at}; "
+            f"{runtime.LAST} holds the same weights). Continue from it with --resume --resume-changes apply and a "
+            f"lower --lr (or --grad-clip 1.0, or --dtype float32).")
 
 
 class Diverged(data.UserError, FloatingPointError):
-    """--max-bad-steps non-finite steps in a row."""
+    """--max-bad-steps bad steps in a row, or a run that ends inside a streak of them."""
 
 
 def validate_and_keep_best(model, loader, world, autocast, progress, args, metrics, run, print0):
     """Validate; a strictly better accuracy is the new best (saved to best.safetensors); --patience
-    validations in a row without one stop the run (returns "early_stop")."""
+    validations in a row without one stop the run (returns "early_stop"). A dev set with nothing readable, or
+    whose unreadable clips change between validations, stops the run (check_dev)."""
     res = validate(model, loader, world, autocast)
+    check_dev(res, progress)
     if progress["best_acc"] is None or res["acc"] > progress["best_acc"]:
         progress.update(best_acc=res["acc"], best_step=progress["step"], since_best=0)
         run.save_best(model)
@@ -373,6 +407,26 @@ def validate_and_keep_best(model, loader, world, autocast, progress, args, metri
     return None
 
 
+def check_dev(res, progress):
+    """Validation compares accuracies over the same dev items every time, or stops the run: with no readable dev
+    item the accuracy is 0 / 0 (NaN, which would decide early stopping by NaN comparisons), and a changing number of
+    unreadable clips (--skip-bad; a flaky file system) would compare accuracies over different sets. The count of
+    the first validation is kept in progress["dev_bad_audio"] (and in the checkpoint)."""
+    if res["n_tokens"] == 0:
+        raise DevSetError(f"--dev: no dev item could be read ({res['n_bad_audio']} unreadable clip(s)), so there is "
+                          f"no accuracy to validate with; fix the dev manifest or its audio")
+    first = progress.get("dev_bad_audio")
+    if first is not None and first != res["n_bad_audio"]:
+        raise DevSetError(f"--dev: {res['n_bad_audio']} dev clip(s) were unreadable in this validation, {first} in "
+                          f"the first: the accuracies would be over different dev sets; fix the audio (or the file "
+                          f"system) and resume")
+    progress["dev_bad_audio"] = res["n_bad_audio"]
+
+
+class DevSetError(data.UserError):
+    """The dev set cannot give comparable accuracies."""
+
+
 def summary(end, out_dir):
     """The run's last line: where it stopped, what was skipped, where the weights are."""
     c = end["counts"]
@@ -380,6 +434,8 @@ def summary(end, out_dir):
             f"{end['bad_lines']} bad manifest line(s) skipped, {c['bad_audio']} unreadable clip read(s) skipped, "
             f"{c['truncated']} clip(s) cut to Whisper's window"
             + (f", {end['empty_steps']} step(s) without any readable clip" if end["empty_steps"] else "")
+            + (f", {end['dev_bad_audio']} unreadable dev clip(s) left out of every validation"
+               if end.get("dev_bad_audio") else "")
             + f"; weights in {os.path.join(out_dir, runtime.LAST)}"
             + (f", best (acc {end['best_acc']:.4f} at step {end['best_step']}) in {os.path.join(out_dir, runtime.BEST)}"
                if end["best_acc"] is not None else ""))

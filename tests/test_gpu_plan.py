@@ -273,7 +273,8 @@ def test_json_line_schema(tiny_ckpts, capsys):
 
 def test_bad_flags_are_one_line_errors(capsys):
     import gpu_plan
-    for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--measure-layers", "-1"], "--measure-layers"),
+    for argv, msg in ((["--steps", "0"], "argument --steps: expected an integer >= 1"),
+                      (["--measure-layers", "-1"], "--measure-layers"),
                       (["--real", "qwen2-7b", "--llm", "x"], "--real replaces")):
         with pytest.raises(SystemExit):
             gpu_plan.main(argv)

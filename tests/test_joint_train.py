@@ -183,11 +183,11 @@ def test_help_shows_paper_defaults(capsys):
     with pytest.raises(SystemExit):
         joint_train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for s in ("--alpha ALPHA CE weight; the alignment weight is 1 - alpha (eq. 6) (default: 0.99)",
-              "--warmup-steps WARMUP_STEPS linear warm-up steps (default: 3000)",
-              "--eval-every EVAL_EVERY validate every N steps (default: 3000)", "(default: 4)",
-              "--align {ot,ctc,cl,none}", "(default: ot)", "--lr LR peak learning rate (default: 3e-05)",
-              "--batch-size BATCH_SIZE GLOBAL batch", "--lora-r LORA_R (default: 8)", "--ot-eps", "--ot-iters",
+    for s in ("--alpha ALPHA CE weight; the alignment weight is 1 - alpha (eq. 6) [a number in [0, 1]] (default: 0.99)",
+              "--warmup-steps WARMUP_STEPS linear warm-up steps [an integer >= 0] (default: 3000)",
+              "--eval-every EVAL_EVERY validate every N steps [an integer >= 1] (default: 3000)", "(default: 4)",
+              "--align {ot,ctc,cl,none}", "(default: ot)", "--lr LR peak learning rate [a number > 0] (default: 3e-05)",
+              "--batch-size BATCH_SIZE GLOBAL batch", "--lora-r LORA_R [an integer >= 1] (default: 8)", "--ot-eps", "--ot-iters",
               "--align-positions {real,all}", "(default: real)", "--ot-cost {sqeuclidean,cosine}",
               "(default: sqeuclidean)", "--beats-unsafe-load"):
         assert s in text, s

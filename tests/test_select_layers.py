@@ -100,8 +100,8 @@ def test_errors_and_help(stage1, tmp_path, capsys):
     with pytest.raises(SystemExit):
         S.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for s in ("--num-pairs NUM_PAIRS random pairs N (all if the manifest has fewer) (default: 1000)",
-              "--threshold THRESHOLD select layers with MRR above this (eq. 5) (default: 0.05)", "--ot-eps",
+    for s in ("--num-pairs NUM_PAIRS random pairs N (all if the manifest has fewer) [an integer >= 2] (default: 1000)",
+              "--threshold THRESHOLD select layers with MRR above this (eq. 5) [a number in [0, 1)] (default: 0.05)", "--ot-eps",
               "--align-positions {real,all}", "(default: real)", "--ot-cost {sqeuclidean,cosine}",
               "(default: sqeuclidean)"):
         assert s in text, s
@@ -144,7 +144,7 @@ def test_too_few_pairs_stop_before_the_model_is_loaded(stage1, tmp_path, monkeyp
     for n in ("0", "1"):
         with pytest.raises(SystemExit):
             S.main(base + ["--num-pairs", n])
-        assert "--num-pairs must be >= 2" in capsys.readouterr().err
+        assert "argument --num-pairs: expected an integer >= 2" in capsys.readouterr().err
 
 
 def test_non_finite_distances_are_refused():
