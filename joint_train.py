@@ -41,6 +41,7 @@ count. --max-steps only bounds the run and sets the cosine horizon (not from the
 """
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -210,7 +211,7 @@ def main(argv=None):
     layers = read_layers(args.layers_from) if args.layers_from else args.layers
     if args.align == "ot" and not layers:
         p.error("--align ot needs --layers or --layers-from")
-    if args.align != "ot" and layers:
+    if args.align != "ot" and layers and int(os.environ.get("RANK", "0")) == 0:
         print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
     args.layers = layers if args.align == "ot" else None
     before = data.STATS["bad_lines"]

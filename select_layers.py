@@ -253,7 +253,8 @@ def main(argv=None):
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in layers.json
     dataset = data.SpeechDataset(pairs, instructions, skip_bad=args.skip_bad, max_seconds=data.window_seconds(fe))
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     speech, text, read = collect_states(lsm, loader, layers, autocast, args.align_positions)
     llm_name = os.path.basename(lsm.build_args["llm"].rstrip("/"))

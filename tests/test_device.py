@@ -147,3 +147,73 @@ def test_losses_compile_as_one_graph(meta_lsm):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
 
+
+
+def test_initial_weights_do_not_depend_on_the_llm_device(tiny_ckpts, monkeypatch):
+    """PEFT draws LoRA's A matrices where the LLM is (CUDA's generator on a GPU). model.redraw_lora draws them again
+    on the CPU from a seed taken before the LLM loads, and the CPU generator is restored around PEFT: a PEFT that
+    draws from another generator (here: 1000 extra CPU draws) changes none of the initial weights."""
+    import peft
+    ck = tiny_ckpts["qwen2"]
+
+    def build():
+        torch.manual_seed(0)
+        lsm = M.LSM(ck["whisper"], ck["llm"], None, llm_dtype="float32", verbose=False, **TINY_QFORMER)
+        return lsm.trainable_state(), torch.rand(3)  # the weights, and the CPU generator's state after the build
+    (plain, after) = build()
+    monkeypatch.setattr(M, "get_peft_model", lambda *a, **kw: (torch.rand(1000), peft.get_peft_model(*a, **kw))[1])
+    (other, after_other) = build()
+    assert plain.keys() == other.keys() and any("lora_A" in n for n in plain)
+    assert all(torch.equal(plain[n], other[n]) for n in plain) and torch.equal(after, after_other)
+
+# ----------------------------------------------------------------------------- start-up on a node
+
+
+def test_each_rank_binds_its_own_gpu(monkeypatch):
+    """torchrun's LOCAL_RANK becomes the current CUDA device before the model is built (model.rank_device), and the
+    process group is bound to it (device_id), so nothing of rank 1 lands on GPU 0. CUDA is simulated: the calls
+    are recorded."""
+    import runtime
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cuda1 = torch.device("cuda", 1)
+    assert M.rank_device() == cuda1 and calls == [("set_device", cuda1)]
+    assert runtime.init_distributed(5.0) == (1, 2, cuda1)
+    assert calls[1] == ("set_device", cuda1) and calls[2][0] == "nccl" and calls[2][1]["device_id"] == cuda1
+
+
+def test_only_rank_0_prints_the_model_summary(tiny_ckpts, monkeypatch, capsys):
+    ck = tiny_ckpts["qwen2"]
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        M.LSM(ck["whisper"], ck["llm"], None, llm_dtype="float32", **TINY_QFORMER)
+        assert ("LSM: trainable parameters" in capsys.readouterr().out) == printed, rank
+
+
+def test_one_training_loader_with_persistent_workers(tmp_path, monkeypatch):
+    """Two epochs: one training DataLoader for the whole run, its workers persistent (started once, not once per
+    epoch); the weights are those of the run without workers."""
+    import train
+    from test_train import toy_args
+    from toy_objective import Toy, collate, toy_data
+    made = []
+
+    class Recording(train.DataLoader):
+        def __init__(self, *a, **kw):
+            made.append(kw)
+            super().__init__(*a, **kw)
+    monkeypatch.setattr(train, "DataLoader", Recording)
+    weights = {}
+    for workers in ("1", "0"):
+        made.clear()
+        toy = Toy()
+        train.train(toy_args(tmp_path / workers, "--num-workers", workers), toy, toy_data(), collate)
+        assert len(made) == 1 and made[0]["persistent_workers"] == (workers == "1") and not made[0]["pin_memory"]
+        weights[workers] = toy.lin.weight.detach().clone()
+    assert torch.equal(weights["1"], weights["0"])
