@@ -90,7 +90,7 @@ def test_ot_bf16_autocast_and_pairwise_match_the_cpu():
     x_mask = torch.arange(88) < torch.randint(20, 89, (8, 1), generator=g)
     out = {}
     for dev in ("cpu", "cuda"):
-        xd = x.to(dev).requires_grad_(True)
+        xd = x.detach().to(dev).requires_grad_(True)
         with torch.autocast(dev, dtype=torch.bfloat16):
             w = ot.wasserstein(xd, y.to(dev), x_mask.to(dev), None)
         w.sum().backward()
