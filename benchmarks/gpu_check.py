@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = {"soundfile": "soundfile", "cffi": "cffi", "pycparser": "pycparser", "soxr": "soxr", "POT": "pot",
           "geomloss": "geomloss", "flash-sinkhorn": "flash_sinkhorn"}  # distribution -> wheel file prefix
-LIMITS = dict(tests=210, bench=100, step=130)  # seconds per step: 440 s in all, under the 8 minutes with start-up
+LIMITS = dict(tests=170, bench=150, step=130)  # seconds per step: 450 s in all, under the 8 minutes
 PLAN_ROW = "| stage 3, OT on the selected layers | off |"  # docs/gpu.md's planning row (Qwen2-7B comes first)
 BATCH = 4
 TINY_QFORMER = ["--qformer-hidden", "32", "--qformer-heads", "2", "--qformer-ffn", "64"]  # the dry run's (tests')
@@ -66,23 +66,23 @@ def missing_distributions():
     return missing
 
 
-def install_wheels(wheels, log):
-    """-> (PYTHONPATH entry or None, {distribution: "installed" | "no wheel"}) for the missing distributions."""
+def install_wheels(wheels, site, log):
+    """Install the missing distributions' wheels into the folder `site` -> (whether anything was installed there,
+    {distribution: "installed" | "no wheel" | "install failed ..."}) for the missing distributions."""
     missing = missing_distributions()
     found = {d: sorted(Path(wheels).glob(f"{WHEELS[d]}-*.whl")) if Path(wheels).is_dir() else [] for d in missing}
     status = {d: "installed" if found[d] else "no wheel" for d in missing}
     files = [str(f[-1]) for f in found.values() if f]
     if not files:
-        return None, status
-    site = tempfile.mkdtemp(prefix="aista_site_")
+        return False, status
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", site,
            *files]
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         status = {d: "install failed (see wheels.log)" if found[d] else s for d, s in status.items()}
-        return None, status
-    return site, status
+        return False, status
+    return True, status
 
 
 def run_step(name, cmd, out, env, limit):
@@ -163,6 +163,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.stage3_step:
         return stage3_step(args.stage3_step, args.dry_run)
+    with tempfile.TemporaryDirectory(prefix="aista_site_") as site:
+        return check(args, site)
+
+
+def check(args, site):
     import torch
     t0 = time.time()
     out = Path(args.out)
@@ -174,9 +179,9 @@ def main(argv=None):
     if dry:
         print("dry run" + ("" if cuda else " (no CUDA device)") + ": every step on the CPU at small sizes; the CUDA "
               "parts (the tests' GPU runs, the GPU timings, the full-size step) are skipped", flush=True)
-    site, result["wheels"] = install_wheels(args.wheels, out / "wheels.log")
+    installed, result["wheels"] = install_wheels(args.wheels, site, out / "wheels.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if site:
+    if installed:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     if any(s != "installed" for s in result["wheels"].values()):
         print(f"missing, with no wheel in {args.wheels}: {result['wheels']} (see this file's docstring)", flush=True)

@@ -53,8 +53,9 @@ def test_missing_packages_come_from_the_wheel_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "WHEELS", {"aista-fake-a": "aista_fake_a", "aista-fake-b": "aista_fake_b",
                                               "torch": "torch"})
     fake_wheel(tmp_path, "aista-fake-a")
-    site, status = gpu_check.install_wheels(tmp_path, tmp_path / "wheels.log")
-    assert status == {"aista-fake-a": "installed", "aista-fake-b": "no wheel"}
+    site = tmp_path / "site"
+    installed, status = gpu_check.install_wheels(tmp_path, site, tmp_path / "wheels.log")
+    assert installed and status == {"aista-fake-a": "installed", "aista-fake-b": "no wheel"}
     out = subprocess.run([sys.executable, "-c", "import aista_fake_a; print(aista_fake_a.VALUE)"], text=True,
-                         capture_output=True, env={"PYTHONPATH": site}, check=True)
+                         capture_output=True, env={"PYTHONPATH": str(site)}, check=True)
     assert out.stdout.strip() == "42"
