@@ -245,7 +245,8 @@ def main(argv=None):
     runtime.clean_temporaries(args.output_dir, ["layers.json"])
 
     device = torch.device(args.device)
-    lsm = M.LSM.from_trainable(args.init, **config.model_overrides(parser, argv, args)).to(device).eval()
+    lsm = M.LSM.from_trainable(args.init, device=device,  # loaded there: --device cpu leaves the GPUs alone
+                               **config.model_overrides(parser, argv, args)).eval()
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])

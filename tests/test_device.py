@@ -17,6 +17,8 @@ What cannot run on meta, and why (each is on the host by design):
   - BEATs checks on the host that every row of a padding mask keeps one whole patch of audio (nonzero().tolist()),
     so the LSM on meta is built without BEATs and BEATs runs on meta without a padding mask.
   - Decoding (generate): transformers' stopping criteria read the finished rows on the host.
+Compiled as one graph: the connector and the losses. Not compiled: the splice, which builds its tensors from the
+tokenizer's Python lists (host work by nature), and the LLM, which is transformers' own code.
 """
 import pytest
 import torch
