@@ -172,7 +172,7 @@ class LSM(nn.Module):
 
         # frozen LLM + LoRA
         self.tokenizer = AutoTokenizer.from_pretrained(llm)
-        lora_seed = int(torch.randint(2 ** 62, ()))  # the LoRA init's own seed: one --seed, one model on any device
+        lora_seed = int(torch.randint(2 ** 62, (), device="cpu"))  # LoRA's own seed: one --seed, one model anywhere
         base = backbones.llm(cfg, device).requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
@@ -481,7 +481,8 @@ def redraw_lora(module, seed):
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "lora_A" in name:
-                p.copy_(nn.init.kaiming_uniform_(torch.empty(p.shape, dtype=p.dtype), a=math.sqrt(5), generator=g))
+                w = torch.empty(p.shape, dtype=p.dtype, device="cpu")  # also inside a torch.device(...) block
+                p.copy_(nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g))
 
 
 def at_positions(h, pos, pos_mask):

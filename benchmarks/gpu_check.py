@@ -199,7 +199,9 @@ def check(args, site):
     result["step"] = run_step("step", step, out, env, LIMITS["step"])
     if (out / "step.json").is_file():
         result["step"].update(json.loads((out / "step.json").read_text()))
-    result["plan_row_gib"] = plan_row()
+    result["plan_row_gib"] = plan = plan_row()
+    if plan and result["step"].get("peak_allocated_gib"):  # the planned figure is for 30-s clips, 64 target tokens
+        result["step"]["measured_over_planned"] = result["step"]["peak_allocated_gib"] / plan[f"B={BATCH}"]
     result["seconds"] = round(time.time() - t0, 1)
     line = json.dumps(result)
     (out / "gpu_check.json").write_text(line + "\n")
