@@ -19,11 +19,12 @@ a temporary folder put on PYTHONPATH for the steps. Steps, each a subprocess wit
          stage-2 block beside GeomLoss, POT's solve_batch and flash-sinkhorn (dry: --quick on the CPU)
   step   one stage-3 step at the full Qwen2-7B shape with random weights (tiny.REAL_CONFIGS: Whisper-large-v2,
          BEATs cpt2, Qwen2-7B), bf16 autocast, --align ot --layers 0 1, per-device batch 4, no gradient
-         checkpointing, built and stepped by gpu_plan.py's own code (measure_step): peak memory
-         (torch.cuda.max_memory_allocated over build and steps) and step time, beside the planning table's row of
+         checkpointing, built and stepped by gpu_plan.py's own code (measure_step): peak memory of the steady-state
+         steps (torch.cuda.max_memory_allocated: weights, AdamW state, gradients, activations) and step time, beside the planning table's row of
          docs/gpu.md for that setting (dry: the tiny checkpoints of tiny.py, batch 1, 1-s clips, on the CPU)
 
-Files in the output folder: gpu_check.json (the last line), <step>.log, pytest_cuda.xml, bench_ot.json, step.json.
+Files in the output folder (OUTPUTS): gpu_check.json (the last line), wheels.log, <step>.log, pytest_cuda.xml,
+bench_ot.json, step.json.
 """
 import argparse
 import importlib.metadata
@@ -43,6 +44,8 @@ WHEELS = {"soundfile": "soundfile", "cffi": "cffi", "pycparser": "pycparser", "s
 LIMITS = dict(tests=170, bench=150, step=130)  # seconds per step: 450 s in all, under the 8 minutes
 PLAN_ROW = "| stage 3, OT on the selected layers | off |"  # docs/gpu.md's planning row (Qwen2-7B comes first)
 BATCH = 4
+OUTPUTS = ("gpu_check.json", "wheels.log", "tests.log", "pytest_cuda.xml", "bench.log", "bench_ot.json", "step.log",
+           "step.json")  # 8 files: what comes back from the GPU machine's $OUT
 TINY_QFORMER = ["--qformer-hidden", "32", "--qformer-heads", "2", "--qformer-ffn", "64"]  # the dry run's (tests')
 
 
@@ -142,8 +145,6 @@ def stage3_step(path, dry):
             args = gpu_plan.parser().parse_args(argv)
             args.__dict__.update(gpu_plan.real_config_folder("qwen2-7b", tmp), no_beats=False)
         args.grad_accum = 1
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t = time.time()
         m, objective = gpu_plan.measure_step(args, device, None, batch)
         seconds = time.time() - t
@@ -153,7 +154,7 @@ def stage3_step(path, dry):
                first_step_s=m["first_step_s"], build_and_steps_s=round(seconds, 1),
                peak_above_weights_and_adam_gib=m["peak_bytes"] / 2 ** 30, tflop_per_step=m["flops"] / 1e12,
                memory_method=m["method"])
-    if device.type == "cuda":
+    if device.type == "cuda":  # measure_step reset the peak before its second step: the steady state from there
         res["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         res["tflop_per_s"] = m["flops"] / m["step_s"] / 1e12 if m["step_s"] else None
     Path(path).write_text(json.dumps(res))
@@ -172,6 +173,8 @@ def check(args, site):
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # what an earlier run left must not pass for this run's results
+        (out / name).unlink(missing_ok=True)
     cuda = torch.cuda.is_available()
     dry = args.dry_run or not cuda
     result = dict(dry=dry, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
@@ -184,7 +187,7 @@ def check(args, site):
     if installed:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     if any(s != "installed" for s in result["wheels"].values()):
-        print(f"missing, with no wheel in {args.wheels}: {result['wheels']} (see this file's docstring)", flush=True)
+        print(f"not installed (wheels from {args.wheels}): {result['wheels']} (see this file's docstring)", flush=True)
     py = sys.executable
     xml = out / "pytest_cuda.xml"
     result["tests"] = run_step("tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
