@@ -431,6 +431,18 @@ def block_values(fn, x, y, chunk):
     return torch.cat([fn(x[i[k:k + chunk]], y[j[k:k + chunk]]) for k in range(0, Nx * Ny, chunk)]).view(Nx, Ny)
 
 
+def anchor_ms(name, fn, repeat=3):
+    """Median ms of fn(), or None with a note if an anchor fails: its failure (a shape it does not take, a kernel
+    that does not compile) costs its own row only. ot.py's own rows fail loudly."""
+    if name.startswith("ours"):
+        return timed(fn, repeat=repeat)[0] * 1e3
+    try:
+        return timed(fn, repeat=repeat)[0] * 1e3
+    except Exception as e:  # noqa: BLE001 (any anchor error)
+        print(f"note: {name} failed ({type(e).__name__}: {str(e).strip()[:200]}); its row is left empty")
+        return None
+
+
 def gpu_shapes(device, quick):
     """ms of the stage-3 batch (B = 8, 88 x 40, d = 3584, bf16 in, forward + backward), and of one stage-2 block of
     1000 x 1000 pairs at d = 64 and 3584 (forward). The anchors take the block's first 50 rows, scaled to all."""
@@ -445,9 +457,9 @@ def gpu_shapes(device, quick):
         rows["POT solve_batch (fp32, no masks, forward)"] = lambda: pot_solve_batch(x, y)
     if flash is not None and device == "cuda":
         rows["flash-sinkhorn blur=0.5 scaling=0.5 (fp32, no masks)"] = lambda: flash_run(x, y)
-    results = {"stage3 batch": {k: timed(f)[0] * 1e3 for k, f in rows.items()}}
+    results = {"stage3 batch": {k: anchor_ms(k, f) for k, f in rows.items()}}
     print(f"\nstage-3 batch: B={B}, 88 x 40, d={d}, {device}: "
-          + ", ".join(f"{k} {v:.2f} ms" for k, v in results["stage3 batch"].items()))
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in results["stage3 batch"].items() if v is not None))
     N, first = (16, 2) if quick else (1000, 50)
     for d in ((64, 256) if quick else (64, 3584)):
         x, _ = hidden_states(N, 30, 20, d, seed=4, device=device)
@@ -464,11 +476,11 @@ def gpu_shapes(device, quick):
         if flash is not None and device == "cuda":
             anchors["flash-sinkhorn blur=0.5 scaling=0.5"] = torch.no_grad()(flash_loss())
         for name, fn in anchors.items():
-            seconds = timed(lambda: block_values(fn, x[:first], y, 1024 if d > 1000 else 8192), repeat=1)[0]
-            res[f"{name} (first {first} rows x{N / first:g})"] = seconds * 1e3 * N / first
+            ms = anchor_ms(name, lambda: block_values(fn, x[:first], y, 1024 if d > 1000 else 8192), repeat=1)
+            res[f"{name} (first {first} rows x{N / first:g})"] = None if ms is None else ms * N / first
         results[f"stage2 block d={d}"] = res
         print(f"stage-2 block: {N} x {N} pairs of 30 x 20, d={d}, {device}: "
-              + ", ".join(f"{k} {v:.0f} ms" for k, v in res.items()))
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in res.items() if v is not None))
     return results
 
 
