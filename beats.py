@@ -11,6 +11,7 @@ state dict loads strictly. Shapes, for B clips of T samples at 16 kHz:
   -> 12 post-LN layers, deep-norm residual x (2 * 12)^(1/4), gated relative position bias -> (B,N,768)
 """
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -236,7 +237,9 @@ class BEATs(nn.Module):
         """wav (B,T) in [-1, 1] -> normalised fbank (B,F,128), float32 whatever the model dtype and any active
         autocast: the power spectra of int16-scaled audio reach 1e8-1e12, past float16's 65504 (the mel product
         `power @ banks.T` is on autocast's half-precision list, and would give inf, then NaN features)."""
-        with torch.autocast(wav.device.type, enabled=False):
+        no_autocast = (torch.autocast(wav.device.type, enabled=False) if torch.amp.is_autocast_available(
+            wav.device.type) else contextlib.nullcontext())  # the meta device has no autocast
+        with no_autocast:
             return (kaldi_fbank(wav * 2 ** 15, SAMPLE_RATE, 128) - FBANK_MEAN) / (2 * FBANK_STD)
 
     def token_padding_mask(self, padding_mask, n_frames, n_tokens, mode="exact"):

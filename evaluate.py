@@ -199,7 +199,7 @@ def speech_batches(lsm, entries, indices, batch_size, instructions, num_workers,
     ds = Subset(data.SpeechDataset(entries, instructions, skip_bad=skip_bad, max_seconds=data.window_seconds(fe)),
                 indices)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=data.Collator(fe))
+                      collate_fn=data.Collator(fe), pin_memory=lsm.device.type == "cuda")
 
 
 def text_batches(entries, indices, batch_size, instructions):

@@ -41,6 +41,7 @@ count. --max-steps only bounds the run and sets the cosine horizon (not from the
 """
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -95,16 +96,23 @@ class AlignedObjective(train.Objective):
             align = n_pair_loss(M.masked_mean(out["hidden"][0], speech_mask),
                                 M.masked_mean(text[0].detach(), text_mask), self.tau)
             return dict(loss=self.alpha * ce + (1 - self.alpha) * align, cl=align.detach(), **logs)
-        # all selected layers in one batched Sinkhorn call (each problem has its own eps and masses, so this
-        # equals one call per layer); the aligned positions are a prefix: the unused tail (88 -> n) is cut first
-        n, L, B = int(speech_mask.sum(1).max()), len(self.layers), len(speech_mask)
-        x, y, scale = M.cost_points(torch.cat([out["hidden"][l][:, :n] for l in self.layers]),
-                                    torch.cat([text[l].detach() for l in self.layers]), self.ot_cost)
-        w = scale * ot.wasserstein(x, y, speech_mask[:, :n].repeat(L, 1), text_mask.repeat(L, 1),
-                                   eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)  # (|I|,) batch means
-        loss = self.alpha * ce + (1 - self.alpha) / L * w.sum()  # eq. 6
+        # the aligned positions are a prefix: the unused tail (88 -> n) is cut (one host read; speech_forward's
+        # selection of the target positions has synchronised already)
+        n = int(speech_mask.sum(1).max())
+        w = self.ot_distances([out["hidden"][l][:, :n] for l in self.layers], speech_mask[:, :n],
+                              [text[l] for l in self.layers], text_mask)
+        loss = self.alpha * ce + (1 - self.alpha) / len(self.layers) * w.sum()  # eq. 6
         logs.update({f"w_{l}": w[i].detach() for i, l in enumerate(self.layers)})
         return dict(loss=loss, **logs)
+
+    def ot_distances(self, speech, speech_mask, text, text_mask):
+        """The W_l of eq. 6, batch means -> (|I|,). speech, text: one (B, n, d) / (B, m, d) tensor per layer of I.
+        All layers go into one batched Sinkhorn call (each problem has its own eps and masses, so this equals one
+        call per layer). No host read: it runs on any device, the meta device included, and compiles as one graph."""
+        L, B = len(speech), len(speech_mask)
+        x, y, scale = M.cost_points(torch.cat(speech), torch.cat([t.detach() for t in text]), self.ot_cost)
+        return scale * ot.wasserstein(x, y, speech_mask.repeat(L, 1), text_mask.repeat(L, 1),
+                                      eps=self.ot_eps, n_iters=self.ot_iters).view(L, B).mean(1)
 
     def skip_batch(self):
         """A micro-batch with no readable item on this rank (train.train_step runs no forward for it): the contrastive
@@ -204,7 +212,7 @@ def main(argv=None):
     layers = read_layers(args.layers_from) if args.layers_from else args.layers
     if args.align == "ot" and not layers:
         p.error("--align ot needs --layers or --layers-from")
-    if args.align != "ot" and layers:
+    if args.align != "ot" and layers and int(os.environ.get("RANK", "0")) == 0:
         print(f"--align {args.align}: ignoring the layers {layers} ({'layer 0' if args.align != 'none' else 'no alignment'})")
     args.layers = layers if args.align == "ot" else None
     before = data.STATS["bad_lines"]

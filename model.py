@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 
 import torch
@@ -60,9 +61,13 @@ def real_windows(wav_lens, n_windows, window):
 
 def rank_device():
     """This process's device, known before any process group exists: cuda:LOCAL_RANK when CUDA is available (torchrun
-    sets LOCAL_RANK; 0 without it), else the CPU -- the device train.py and evaluate.py put the model on."""
+    sets LOCAL_RANK; 0 without it), else the CPU -- the device train.py and evaluate.py put the model on. It becomes
+    the current CUDA device before anything is built: what a library allocates on "cuda" (the CUDA context, RNG
+    states, workspaces) lands on this rank's GPU, not on GPU 0."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 # ----------------------------------------------------------------------------- the frozen backbones
@@ -167,16 +172,19 @@ class LSM(nn.Module):
 
         # frozen LLM + LoRA
         self.tokenizer = AutoTokenizer.from_pretrained(llm)
+        lora_seed = int(torch.randint(2 ** 62, (), device="cpu"))  # LoRA's own seed: one --seed, one model anywhere
         base = backbones.llm(cfg, device).requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-        self.llm = get_peft_model(base, lora)
+        with torch.random.fork_rng(devices=[]):  # what PEFT draws, on the LLM's device, is drawn again below
+            self.llm = get_peft_model(base, lora)
+        redraw_lora(self.llm, lora_seed)
         self.proj = nn.Linear(cfg.qformer_hidden, base.config.hidden_size)
         self.n_layers = base.config.num_hidden_layers
         self.template_name, self.prefix_ids, self.after, self.eos_id, self.pad_id = prompt_template(
             cfg.template, base.config.model_type, self.tokenizer, llm)
         self.to(device)  # the new modules (connector); the loaded ones are there already
-        if verbose:
+        if verbose and int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per torchrun process
             print(summary(self))
 
     def _ids(self, text):
@@ -217,13 +225,14 @@ class LSM(nn.Module):
         W = 1500 // 17 = 88 for Whisper's 30 s input. BEATs features at padded positions are set to zero (after the
         LayerNorm), so a clip gives the same tokens alone or in a padded batch."""
         dev = self.device
-        mel = batch["mel"].to(dev, self.whisper.conv1.weight.dtype)
-        wav_lens = batch["wav_lens"].to(dev)
+        # non_blocking: from the DataLoader's pinned memory the copies overlap with the work queued before them
+        mel = batch["mel"].to(dev, self.whisper.conv1.weight.dtype, non_blocking=True)
+        wav_lens = batch["wav_lens"].to(dev, non_blocking=True)
         with torch.no_grad():
             speech = self.whisper(mel).last_hidden_state  # (B, 1500, Dw)
         x = self.ln_whisper(speech)
         if self.beats is not None:
-            wav = batch["wav"].to(dev, torch.float32)
+            wav = batch["wav"].to(dev, torch.float32, non_blocking=True)
             pad = torch.arange(wav.shape[1], device=dev)[None, :] >= wav_lens[:, None]
             with torch.no_grad():
                 audio, audio_pad = self.beats(wav, pad)  # (B, N, Db), N ~ 1496 for 30 s
@@ -462,6 +471,18 @@ def prompt_template(template, model_type, tokenizer, llm):
     prefix = ([tokenizer.bos_token_id] if t["bos"] else []) + tokenizer(t["before"], add_special_tokens=False).input_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return template, prefix, t["after"], tokenizer.eos_token_id, pad  # EOS: "<|endoftext|>" Qwen2 base, "</s>" Vicuna
+
+
+def redraw_lora(module, seed):
+    """LoRA's A matrices drawn again on the CPU from `seed`, with PEFT's init (kaiming_uniform_, a = sqrt(5); B stays
+    zero). PEFT draws them where the LLM is (from CUDA's generator on a GPU), which would give the same --seed
+    another model on a GPU than on the CPU; the draws of PEFT are also kept out of the CPU generator (LSM.__init__)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_A" in name:
+                w = torch.empty(p.shape, dtype=p.dtype, device="cpu")  # also inside a torch.device(...) block
+                p.copy_(nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g))
 
 
 def at_positions(h, pos, pos_mask):

@@ -158,15 +158,17 @@ def cli(main, script=None):
 
 def init_distributed(timeout_minutes=60.0):
     """-> (rank, world_size, device). Starts the process group when launched by torchrun (WORLD_SIZE > 1), with a
-    finite collective timeout (--dist-timeout): a dead or stuck rank ends the run with a message, not a hang."""
+    finite collective timeout (--dist-timeout): a dead or stuck rank ends the run with a message, not a hang. On a
+    GPU the group is bound to this rank's device (device_id: NCCL connects at once, to the right GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # model.rank_device did so before the model was built; a no-op then
     if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -576,7 +578,7 @@ def set_rng_state(s):
 
 def read_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as the state is copied in
     except Exception as e:  # truncated, not a checkpoint, ...: say which file
         raise data.UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}); it is "
                              f"damaged or not a checkpoint of train.py (this code writes it atomically, so a kill does "

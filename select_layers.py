@@ -244,7 +244,8 @@ def main(argv=None):
     runtime.clean_temporaries(args.output_dir, ["layers.json"])
 
     device = torch.device(args.device)
-    lsm = M.LSM.from_trainable(args.init, **config.model_overrides(parser, argv, args)).to(device).eval()
+    lsm = M.LSM.from_trainable(args.init, device=device,  # loaded there: --device cpu leaves the GPUs alone
+                               **config.model_overrides(parser, argv, args)).eval()
     layers = list(range(lsm.n_layers + 1))
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(lsm.build_args["whisper"])
@@ -252,7 +253,8 @@ def main(argv=None):
     instructions = data.Instructions(args.instructions, args.seed)
     args.instructions_used = instructions.describe()  # recorded in layers.json
     dataset = data.SpeechDataset(pairs, instructions, skip_bad=args.skip_bad, max_seconds=data.window_seconds(fe))
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     speech, text, read = collect_states(lsm, loader, layers, autocast, args.align_positions)
     llm_name = os.path.basename(lsm.build_args["llm"].rstrip("/"))

@@ -211,9 +211,13 @@ def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, d
     B, b, k = args.batch_size, run.micro_batch, run.grad_accum  # the global batch B = b x k x world
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    # workers start once per run (not per epoch and validation); pinned batches reach the GPU by non-blocking copies
+    loader_kw = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=args.num_workers > 0)
     dev_loader = None if dev_set is None else DataLoader(
         dev_set, batch_sampler=dev_batches(len(dev_set), b, rank, world), **loader_kw)
+    epoch_batches = EpochBatches()
+    train_loader = DataLoader(train_set, batch_sampler=epoch_batches, **loader_kw)
     print0(f"training: {len(train_set)} items, global batch {B} = {b} per device x {k} accumulation x {world} "
            f"process(es) on {device}, {sum(p.numel() for p in params):,} trainable parameters, steps "
            f"{progress['step']} -> {args.max_steps}")
@@ -226,8 +230,8 @@ def training_loop(args, model, train_set, collate, sizes, weights, epoch_size, d
         order = epoch_order(sizes, weights, epoch_size or sum(sizes), args.seed, progress["epoch"])
         if len(order) < B:
             raise data.UserError(f"an epoch has {len(order)} items, fewer than one global batch (--batch-size {B})")
-        micro = rank_micro_batches(order, progress["step_in_epoch"], B, b, k, rank)
-        batches = iter(DataLoader(train_set, batch_sampler=micro, **loader_kw))
+        epoch_batches.batches = rank_micro_batches(order, progress["step_in_epoch"], B, b, k, rank)
+        batches = iter(train_loader)
         while stop is None and progress["step"] < args.max_steps and progress["step_in_epoch"] < len(order) // B:
             lr = opt.param_groups[0]["lr"]
             logs = train_step(model, opt, params, [next(batches) for _ in range(k)], progress["step"], args, rank,
@@ -498,6 +502,20 @@ def rank_micro_batches(order, first_step, global_batch, b, k, rank):
             start = s * global_batch + q * b
             out.append(order[start:start + b])
     return out
+
+
+class EpochBatches:
+    """The training DataLoader's batch sampler: the micro-batches of the current epoch, set before each pass (the
+    DataLoader iterates it in the main process, so its persistent workers serve every epoch)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 def micro_seed(seed, step, index):

@@ -15,8 +15,9 @@ Parts, in one run:
      process, where `import ot` is ot.py and not POT).
   5. GPU shapes (on CUDA, or reduced with --quick): the stage-3 batch B = 8, 88 x 40, d = 3584, bf16, forward +
      backward; one stage-2 block of 1000 x 1000 pairs of 30 x 20 at tiny.py's width (64) and at Qwen2-7B's (3584);
-     each beside GeomLoss and POT's solve_batch on the same inputs. An anchor that is not installed is skipped
-     with a note.
+     each beside GeomLoss, POT's solve_batch and flash-sinkhorn (fused Triton kernels, CUDA only; autotune off so
+     the run time is predictable) on the same inputs. An anchor that is not installed is skipped with a note.
+     --only-gpu-shapes runs this part alone (benchmarks/gpu_check.py does).
 
 Name clash: run as a script, this folder is first on sys.path, so `import ot` is POT; the project's ot.py is
 loaded by path as `aista_ot`. Times are medians of a few runs; on a shared machine compare the ratios.
@@ -40,13 +41,14 @@ sys.modules["aista_ot"] = aista_ot          # torch.compile and pickling look mo
 spec.loader.exec_module(aista_ot)
 
 
-pot = geomloss = None      # the anchors, imported by load_anchors (not in part 4's process: there `ot` is ot.py)
+pot = geomloss = flash = None  # the anchors, imported by load_anchors (not in part 4's process: there `ot` is ot.py)
 
 
 def load_anchors():
-    """POT and GeomLoss, each None with a note where it is not installed (the GPU machine may lack them)."""
-    global pot, geomloss
-    for name in ("ot", "geomloss"):
+    """POT, GeomLoss and flash-sinkhorn, each None with a note where it is not installed (the GPU machine may lack
+    them; flash-sinkhorn needs Triton and runs on CUDA only)."""
+    global pot, geomloss, flash
+    for name in ("ot", "geomloss", "flash_sinkhorn"):
         try:
             module = __import__(name)
         except ImportError:
@@ -54,7 +56,12 @@ def load_anchors():
             continue
         if name == "ot" and not hasattr(module, "emd2"):
             raise SystemExit(f"imported {module.__file__} as POT: run this script as a file")
-        pot, geomloss = (module, geomloss) if name == "ot" else (pot, module)
+        if name == "ot":
+            pot = module
+        elif name == "geomloss":
+            geomloss = module
+        else:
+            flash = module
 
 
 def hidden_states(B, n, m, d, seed, device="cpu"):
@@ -123,6 +130,18 @@ def eps_abs(x, y):
     C = aista_ot._cost(x.float(), y.float(), torch.ones(B, n, **ones), torch.ones(B, m, **ones), invalid)[2]
     std = C.flatten(1).std(1, unbiased=False)
     return aista_ot.EPS * (std + aista_ot.MEAN_WEIGHT * C.flatten(1).mean(1)), C
+
+
+def flash_loss():
+    return flash.SamplesLoss("sinkhorn", p=2, blur=0.5, scaling=0.5, debias=False, autotune=False)
+
+
+def flash_run(x, y):
+    """flash-sinkhorn at GeomLoss's setting, forward + backward (its cost is also |x - y|^2 / 2)."""
+    xg = x.detach().float().requires_grad_(True)
+    v = 2.0 * flash_loss()(xg, y.float())
+    v.sum().backward()
+    return v.detach().double()
 
 
 def pot_solve_batch(x, y):
@@ -412,6 +431,18 @@ def block_values(fn, x, y, chunk):
     return torch.cat([fn(x[i[k:k + chunk]], y[j[k:k + chunk]]) for k in range(0, Nx * Ny, chunk)]).view(Nx, Ny)
 
 
+def anchor_ms(name, fn, repeat=3):
+    """Median ms of fn(), or None with a note if an anchor fails: its failure (a shape it does not take, a kernel
+    that does not compile) costs its own row only. ot.py's own rows fail loudly."""
+    if name.startswith("ours"):
+        return timed(fn, repeat=repeat)[0] * 1e3
+    try:
+        return timed(fn, repeat=repeat)[0] * 1e3
+    except Exception as e:  # noqa: BLE001 (any anchor error)
+        print(f"note: {name} failed ({type(e).__name__}: {str(e).strip()[:200]}); its row is left empty")
+        return None
+
+
 def gpu_shapes(device, quick):
     """ms of the stage-3 batch (B = 8, 88 x 40, d = 3584, bf16 in, forward + backward), and of one stage-2 block of
     1000 x 1000 pairs at d = 64 and 3584 (forward). The anchors take the block's first 50 rows, scaled to all."""
@@ -424,10 +455,12 @@ def gpu_shapes(device, quick):
         rows["GeomLoss blur=0.5 scaling=0.5 (fp32, no masks)"] = lambda: geomloss_run(0.5, 0.5)(x, y)
     if pot is not None:
         rows["POT solve_batch (fp32, no masks, forward)"] = lambda: pot_solve_batch(x, y)
-    results = {"stage3 batch": {k: timed(f)[0] * 1e3 for k, f in rows.items()}}
+    if flash is not None and device == "cuda":
+        rows["flash-sinkhorn blur=0.5 scaling=0.5 (fp32, no masks)"] = lambda: flash_run(x, y)
+    results = {"stage3 batch": {k: anchor_ms(k, f) for k, f in rows.items()}}
     print(f"\nstage-3 batch: B={B}, 88 x 40, d={d}, {device}: "
-          + ", ".join(f"{k} {v:.2f} ms" for k, v in results["stage3 batch"].items()))
-    N, first = (40, 8) if quick else (1000, 50)
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in results["stage3 batch"].items() if v is not None))
+    N, first = (16, 2) if quick else (1000, 50)
     for d in ((64, 256) if quick else (64, 3584)):
         x, _ = hidden_states(N, 30, 20, d, seed=4, device=device)
         _, y = hidden_states(N, 30, 20, d, seed=4, device=device)
@@ -440,12 +473,14 @@ def gpu_shapes(device, quick):
             anchors["GeomLoss blur=0.5 scaling=0.5"] = torch.no_grad()(loss)
         if pot is not None:
             anchors["POT solve_batch"] = pot_solve_batch
+        if flash is not None and device == "cuda":
+            anchors["flash-sinkhorn blur=0.5 scaling=0.5"] = torch.no_grad()(flash_loss())
         for name, fn in anchors.items():
-            seconds = timed(lambda: block_values(fn, x[:first], y, 1024 if d > 1000 else 8192), repeat=1)[0]
-            res[f"{name} (first {first} rows x{N / first:g})"] = seconds * 1e3 * N / first
+            ms = anchor_ms(name, lambda: block_values(fn, x[:first], y, 1024 if d > 1000 else 8192), repeat=1)
+            res[f"{name} (first {first} rows x{N / first:g})"] = None if ms is None else ms * N / first
         results[f"stage2 block d={d}"] = res
         print(f"stage-2 block: {N} x {N} pairs of 30 x 20, d={d}, {device}: "
-              + ", ".join(f"{k} {v:.0f} ms" for k, v in res.items()))
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in res.items() if v is not None))
     return results
 
 
@@ -456,6 +491,7 @@ def main():
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--only-stage3", action="store_true", help="only part 4 (the stage-3 step ratio)")
     p.add_argument("--sweep", action="store_true", help="only: error and time for smaller eps and more iterations")
+    p.add_argument("--only-gpu-shapes", action="store_true", help="only part 5 (with --quick: reduced sizes)")
     args = p.parse_args()
     if args.device not in ("cpu", "cuda"):
         p.error(f"--device must be cpu or cuda, got {args.device!r}")
@@ -466,6 +502,9 @@ def main():
                "n_iters": aista_ot.N_ITERS}
     if args.only_stage3:
         results["stage3"] = stage3_step(rounds=5 if args.quick else 15)
+    elif args.only_gpu_shapes:
+        load_anchors()
+        results["gpu shapes"] = gpu_shapes(args.device, args.quick)
     elif args.sweep:
         load_anchors()
         if pot is None:

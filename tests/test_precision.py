@@ -319,6 +319,7 @@ def test_frozen_backbones_load_onto_the_device(tiny_ckpts, monkeypatch):
     assert {q.device.type for q in lsm.parameters()} == {"cpu"}
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)  # rank_device makes it the current device
     assert M.rank_device() == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert M.rank_device() == torch.device("cpu")
