@@ -55,7 +55,6 @@ The objective is an nn.Module (Objective below is stage 1's; joint_train.Aligned
     save_trainable(path)                 weights for the next stage
     enable_gradient_checkpointing()
 """
-import argparse
 import math
 import os
 import random

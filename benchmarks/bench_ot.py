@@ -235,7 +235,7 @@ def loss_table(case, B, d, device, repeat):
         fastest = min(as_good or geo, key=lambda r: r["seconds"])
         result["geomloss_ratio"] = fastest["seconds"] / mine["seconds"]
         result["geomloss_reference"] = fastest["contender"] + ("" if as_good else " (none reaches ours' error)")
-        print(f"GeomLoss's fastest setting at no worse error: " + (fastest["contender"] if as_good else
+        print("GeomLoss's fastest setting at no worse error: " + (fastest["contender"] if as_good else
               f"none reaches ours' mean error {mine['mean_error']:.1e}; its fastest setting, {fastest['contender']} "
               f"(mean error {fastest['mean_error']:.1e}),") + f" takes {result['geomloss_ratio']:.2f}x ours' time")
     return result
