@@ -1,6 +1,6 @@
 """The precision path users launch (issue 12), on the CPU: a frozen bf16 LLM under bf16 autocast (--dtype bfloat16,
 the default) and without autocast (--dtype float32); the float16 policy; BEATs' front end and grouped convolution
-under autocast; the Whisper encoder loaded alone. At the real widths (`pytest -k real_width`): one stage-3 step with
+under autocast; the Whisper encoder loaded alone. At the real widths (`pytest -m real_width`): one stage-3 step with
 OT on layers 0 and 1 and one greedy decode, shapes asserted at every boundary, and the other modes and evaluation.
 
 Tolerances against a float32 reference (same weights, float32 LLM, no autocast): bf16 keeps 8 significant bits, so
@@ -340,12 +340,15 @@ def test_generation_feeds_the_lm_head_a_packed_tensor(tiny_models):
     assert all(got == packed for got, packed in strides)
     assert not lsm.causal_lm.get_output_embeddings()._forward_pre_hooks  # removed after generation
 
-# ----------------------------------------------------------------------------- real widths (pytest -k real_width)
+# ----------------------------------------------------------------------------- real widths (pytest -m real_width)
 
 # Whisper-large-v2, BEATs cpt2 and Qwen2-7B at their real widths (tiny.REAL_CONFIGS), 1 layer each for the encoders
 # and 2 for the LLM (so that layer 1 is a raw decoder output, not the final norm's): 3.4 GB on disk, written once.
 REAL_LAYERS = {"whisper": 1, "beats": 1, "llm": 2}
 QWEN2_7B = dict(d=3584, heads=28, kv_heads=4, head_dim=128, vocab=152064, layers=28)
+
+
+REAL_WIDTH = pytest.mark.real_width
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +380,7 @@ def record_shapes(lsm):
     return seen, lambda: [h.remove() for h in hooks]
 
 
+@REAL_WIDTH
 def test_real_width_stage3_ot_step_and_greedy_decode(real):
     """The run users launch, at the real widths: one stage-3 step with OT on layers 0 and 1 under bf16 autocast with
     the bf16 Qwen2-7B, then a greedy decode; shapes checked at every boundary against the published sizes."""
@@ -438,6 +442,7 @@ CTC_REAL = pytest.mark.skipif(os.environ.get("AISTA_TEST_CTC_REAL_WIDTH") != "1"
 @pytest.mark.parametrize("align, dtype", [pytest.param(a, d, marks=[CTC_REAL] if a == "ctc" else [])
                                           for a in ALIGNS for d in ("bfloat16", "float32")
                                           if (a, d) != ("ot", "bfloat16")])
+@REAL_WIDTH
 def test_real_width_stage3_step_every_mode(real, align, dtype):
     """The other --align modes, and --dtype float32, with the bf16 Qwen2-7B at the real widths: finite terms,
     gradients on the trainable parameters only."""
@@ -447,6 +452,7 @@ def test_real_width_stage3_step_every_mode(real, align, dtype):
     obj.zero_grad(set_to_none=True)
 
 
+@REAL_WIDTH
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_real_width_evaluation(real, tmp_path, dtype):
     """evaluate.py at the real widths with the bf16 LLM, under bf16 autocast (the default for a bf16 LLM) and
